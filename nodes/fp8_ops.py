@@ -1,0 +1,143 @@
+"""ComfyUI operations whose Linear holds an FP8 weight and a float32 weight_scale.
+
+The seam is ComfyUI's own: an ops class passed as model_options["custom_operations"]
+(loaders) or a Linear built from it and swapped in with an object patch on a cloned
+ModelPatcher (the quantize node). Math lives in quant/; this file only adapts it to
+ComfyUI's conventions:
+- weights are created on the meta device and materialised from the state dict, so
+  loading never allocates a 16-bit copy of a layer that arrives in FP8;
+- `convert_weight` / `set_weight` are the hooks ModelPatcher uses for LoRA on scaled
+  weights (see comfy/ops.py scaled_fp8_ops): patches are applied to the dequantized
+  weight and re-quantized with the layer's existing scale, which ModelPatcher's backup
+  never restores, so the scale must never change;
+- a fresh class per load (`make_fp8_ops`), so one model's settings never leak to another.
+"""
+
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.ops
+import torch
+
+from ..quant.formats import dequantize_weight, format_name, is_fp8, quantize_with_scale
+from ..quant.hardware import resolve_compute
+from ..quant.linear import fp8_linear
+
+
+def make_fp8_ops(compute: str = "auto") -> type:
+    """An ops class for one model: its Linear becomes FP8 when its state dict carries FP8 weights."""
+
+    class FP8Ops(comfy.ops.manual_cast):
+        class Linear(comfy.ops.manual_cast.Linear):
+            def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+                torch.nn.Module.__init__(self)
+                self.in_features = in_features
+                self.out_features = out_features
+                self.target_device = device
+                self.target_dtype = dtype
+                self.compute = compute
+                self._resolved_compute: dict[str, str] = {}
+                meta = {"device": "meta", "dtype": dtype or torch.float32}
+                self.weight = torch.nn.Parameter(torch.empty((out_features, in_features), **meta), requires_grad=False)
+                if bias:
+                    self.bias = torch.nn.Parameter(torch.empty(out_features, **meta), requires_grad=False)
+                else:
+                    self.register_parameter("bias", None)
+                self.register_parameter("weight_scale", None)
+
+            @property
+            def is_fp8(self) -> bool:
+                return self.weight_scale is not None
+
+            def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs):
+                weight = state_dict.pop(prefix + "weight", None)
+                scale = state_dict.pop(prefix + "weight_scale", None)
+                bias = state_dict.pop(prefix + "bias", None)
+                state_dict.pop(prefix + "input_scale", None)  # we scale activations dynamically
+                if weight is None:
+                    missing_keys.append(prefix + "weight")
+                    return
+                device = self.target_device if self.target_device is not None else weight.device
+                if is_fp8(weight):
+                    if scale is None:
+                        raise ValueError(f"{prefix}weight is {weight.dtype} but the file has no {prefix}weight_scale: "
+                                         "it is not a scaled FP8 checkpoint this pack can read")
+                    self.weight = torch.nn.Parameter(weight.to(device), requires_grad=False)
+                    self.weight_scale = torch.nn.Parameter(scale.to(device, torch.float32), requires_grad=False)
+                else:
+                    dtype = self.target_dtype or weight.dtype
+                    self.weight = torch.nn.Parameter(weight.to(device, dtype), requires_grad=False)
+                if self.bias is not None:
+                    if bias is None:
+                        missing_keys.append(prefix + "bias")
+                    else:
+                        dtype = self.target_dtype or bias.dtype
+                        self.bias = torch.nn.Parameter(bias.to(device, dtype), requires_grad=False)
+
+            def compute_for(self, device: torch.device) -> str:
+                key = str(device)
+                if key not in self._resolved_compute:
+                    self._resolved_compute[key] = resolve_compute(self.compute, device)
+                return self._resolved_compute[key]
+
+            def forward(self, x, *args, **kwargs):
+                if not self.is_fp8:
+                    return super().forward(x, *args, **kwargs)
+                comfy.ops.run_every_op()
+                weight = self.weight.to(x.device, non_blocking=True)
+                for patch in self.weight_function:  # LoRA on a low-VRAM offloaded layer: fp8 in, fp8 out
+                    weight = patch(weight)
+                bias = None
+                if self.bias is not None:
+                    bias = self.bias.to(x.device, x.dtype, non_blocking=True)
+                    for patch in self.bias_function:
+                        bias = patch(bias)
+                scale = self.weight_scale.to(x.device, non_blocking=True)
+                return fp8_linear(x, weight, scale, bias, self.compute_for(x.device))
+
+            def convert_weight(self, weight, inplace=False, **kwargs):
+                if not self.is_fp8:
+                    return weight
+                scale = self.weight_scale.to(weight.device)
+                if inplace and weight.is_floating_point() and not is_fp8(weight):
+                    return weight.mul_(scale.to(weight.dtype))
+                return dequantize_weight(weight, scale, torch.float32)
+
+            def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+                if self.is_fp8:
+                    fmt = format_name(self.weight.dtype)
+                    new = quantize_with_scale(weight, self.weight_scale.to(weight.device), fmt)
+                else:
+                    new = weight.to(self.weight.dtype)
+                if return_weight:
+                    return new
+                if inplace_update:
+                    self.weight.data.copy_(new)
+                else:
+                    self.weight = torch.nn.Parameter(new, requires_grad=False)
+
+            def extra_repr(self) -> str:
+                kind = f"{self.weight.dtype}, scale {tuple(self.weight_scale.shape)}" if self.is_fp8 else "16-bit"
+                dims = f"in_features={self.in_features}, out_features={self.out_features}"
+                return f"{dims}, {kind}, compute={self.compute}"
+
+    return FP8Ops
+
+
+def fp8_linear_from(ops: type, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                    bias_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A Linear of `ops` holding the given FP8 weight and scale (for object patches)."""
+    out_features, in_features = qweight.shape
+    layer = ops.Linear(in_features, out_features, bias=bias is not None, device=qweight.device,
+                       dtype=bias_dtype or (bias.dtype if bias is not None else None))
+    sd = {"weight": qweight, "weight_scale": scale}
+    if bias is not None:
+        sd["bias"] = bias
+    layer.load_state_dict(sd)
+    return layer
+
+
+def check_compute_supported(compute: str) -> str:
+    """Fail at load time, naming the input, when `compute` cannot run on ComfyUI's device."""
+    return resolve_compute(compute, comfy.model_management.get_torch_device())

@@ -1,0 +1,198 @@
+"""Load SD3.5 Checkpoint (FP8) / Load SD3.5 Diffusion Model (FP8).
+
+Files are found only through folder_paths (no path joins of user strings), must be
+.safetensors (pickle files are refused unread), and are quantized while they are
+read, tensor by tensor, so the 16-bit diffusion model is never held in memory whole.
+ComfyUI's own loaders then build the model, with our FP8 Linear as its operations.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import comfy.model_management
+import comfy.sd
+import comfy.utils
+import folder_paths
+from safetensors import safe_open
+
+from ..quant.checkpoint import refuse_pickle
+from ..quant.config import QuantConfig
+from ..quant.streaming import quantize_safetensors_stream, quantize_state_dict
+from .common import CATEGORY, FP8_FORMAT_OR_DISABLED, PROTECT_PATTERNS, quant_inputs, record_info
+from .fp8_ops import check_compute_supported, make_fp8_ops
+
+TEXT_ENCODER_FP8 = (["t5xxl_only", "none", "all"], {
+    "default": "t5xxl_only",
+    "tooltip": "Text encoders in FP8. t5xxl_only (default): T5-XXL in FP8, CLIP-L/G kept 16-bit, as SD3.5's "
+               "prompt following needs. none: all 16-bit. all: every text encoder in FP8.",
+})
+
+
+class MissingTextEncoders:
+    """Stands in for CLIP when a checkpoint has no text encoders: any use says what to do instead."""
+
+    MESSAGE = ("This checkpoint has no text encoders. Load them with a TripleCLIPLoader (clip_l, clip_g, t5xxl; "
+               "type sd3) and connect its CLIP output instead of this loader's.")
+
+    def __getattr__(self, name):
+        raise RuntimeError(self.MESSAGE)
+
+
+def _progress():
+    bar = comfy.utils.ProgressBar(1)
+
+    def update(done: int, total: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, max(total, 1))
+
+    return update
+
+
+def _metadata(path: str) -> dict[str, str]:
+    with safe_open(path, framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _config(fp8_format, scaling, protect_preset, compute, protect_patterns) -> QuantConfig:
+    check_compute_supported(compute)
+    return QuantConfig(fp8_format=fp8_format, scaling=scaling, protect_preset=protect_preset,
+                       protect_patterns=protect_patterns, compute=compute)
+
+
+class SD35FP8CheckpointLoader:
+    TITLE = "Load SD3.5 Checkpoint (FP8)"
+    CATEGORY = f"{CATEGORY}/loaders"
+    DESCRIPTION = ("Loads an SD3.5 all-in-one checkpoint and quantizes it to FP8 while reading it: per-channel scaled "
+                   "FP8 Linear layers, with embedders and final layer kept 16-bit (preset auto detects Large, "
+                   "Medium or Large Turbo). The report lists every layer with its bytes and error.")
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE", "STRING")
+    RETURN_NAMES = ("model", "clip", "vae", "report")
+    OUTPUT_TOOLTIPS = ("The FP8 diffusion model.", "Text encoders (T5-XXL in FP8 by default).", "The 16-channel VAE.",
+                       "Per-layer quantization report.")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "ckpt_name": (folder_paths.get_filename_list("checkpoints"),
+                              {"tooltip": "An SD3.5 .safetensors checkpoint from models/checkpoints."}),
+                **quant_inputs(FP8_FORMAT_OR_DISABLED),
+                "text_encoder_fp8": TEXT_ENCODER_FP8,
+            },
+            "optional": {"protect_patterns": PROTECT_PATTERNS},
+        }
+
+    def load(self, ckpt_name, fp8_format, scaling, protect_preset, compute, text_encoder_fp8, protect_patterns=""):
+        path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
+        refuse_pickle(path)
+        embeddings = folder_paths.get_folder_paths("embeddings")
+        if fp8_format == "disabled":
+            model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path, embedding_directory=embeddings)
+            report_text = f"{ckpt_name}: fp8_format=disabled, loaded as stored (no FP8)."
+        else:
+            config = _config(fp8_format, scaling, protect_preset, compute, protect_patterns)
+            sd, _, report = quantize_safetensors_stream(path, config, model_prefix="model.diffusion_model.",
+                                                        text_encoders=text_encoder_fp8, progress=_progress())
+            ops = make_fp8_ops(compute)
+            model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
+                sd, embedding_directory=embeddings, model_options={"custom_operations": ops},
+                te_model_options={"custom_operations": ops}, metadata=_metadata(path))
+            if model is None:
+                raise ValueError(f"ckpt_name: {ckpt_name} is not a diffusion model checkpoint ComfyUI recognises")
+            record_info(model, ckpt_name, report.rule, fp8_format, scaling)
+            report_text = f"{ckpt_name}\n{report.to_text()}"
+        if clip is None:
+            clip = MissingTextEncoders()
+            report_text += "\nNo text encoders in this checkpoint: use TripleCLIPLoader for the CLIP input."
+        return (model, clip, vae, report_text)
+
+
+def diffusers_folders() -> list[str]:
+    """SD3-family diffusers-format folders under diffusion_models/ and diffusers/ (ComfyUI lists none)."""
+    names = []
+    for folder in ("diffusion_models", "diffusers"):
+        for root in folder_paths.get_folder_paths(folder):
+            base = Path(root)
+            if not base.is_dir():
+                continue
+            for config in sorted(base.glob("*/transformer/config.json")) + sorted(base.glob("*/config.json")):
+                try:
+                    if json.loads(config.read_text()).get("_class_name") == "SD3Transformer2DModel":
+                        names.append(str(config.parent.relative_to(base)).split("/transformer")[0])
+                except (OSError, ValueError):
+                    continue
+    return sorted(set(names))
+
+
+def _diffusers_folder_path(name: str) -> Path:
+    if name not in diffusers_folders():
+        raise FileNotFoundError(f"model_name: {name!r} is not a diffusers folder in models/diffusion_models")
+    for folder in ("diffusion_models", "diffusers"):
+        for root in folder_paths.get_folder_paths(folder):
+            candidate = Path(root) / name
+            if candidate.is_dir():
+                return candidate / "transformer" if (candidate / "transformer").is_dir() else candidate
+    raise FileNotFoundError(f"model_name: {name!r} vanished while loading")
+
+
+def read_diffusers_transformer(folder: Path) -> dict:
+    """All tensors of a diffusers transformer folder (single file or sharded with an index)."""
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["diffusion_pytorch_model.safetensors"]
+    sd = {}
+    for name in files:
+        path = folder / name
+        refuse_pickle(str(path))
+        sd.update(comfy.utils.load_torch_file(str(path)))
+    return sd
+
+
+class SD35FP8DiffusionModelLoader:
+    TITLE = "Load SD3.5 Diffusion Model (FP8)"
+    CATEGORY = f"{CATEGORY}/loaders"
+    DESCRIPTION = ("Loads an SD3.5 transformer (a diffusion_models .safetensors file, or a diffusers-format folder) "
+                   "and quantizes it to FP8 while reading it. Pair it with TripleCLIPLoader and a VAE loader.")
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "report")
+    OUTPUT_TOOLTIPS = ("The FP8 diffusion model.", "Per-layer quantization report.")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_name": (folder_paths.get_filename_list("diffusion_models") + diffusers_folders(),
+                               {"tooltip": "A .safetensors transformer in models/diffusion_models, or a diffusers "
+                                           "folder (with transformer/config.json) there or in models/diffusers."}),
+                **quant_inputs(),
+            },
+            "optional": {"protect_patterns": PROTECT_PATTERNS},
+        }
+
+    def load(self, model_name, fp8_format, scaling, protect_preset, compute, protect_patterns=""):
+        config = _config(fp8_format, scaling, protect_preset, compute, protect_patterns)
+        if model_name in folder_paths.get_filename_list("diffusion_models"):
+            path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+            refuse_pickle(path)
+            sd, _, report = quantize_safetensors_stream(path, config, model_prefix="", progress=_progress())
+            metadata = _metadata(path)
+        else:
+            raw = read_diffusers_transformer(_diffusers_folder_path(model_name))
+            converted = comfy.model_detection.convert_diffusers_mmdit(raw, "")
+            if converted is None:
+                raise ValueError(f"model_name: {model_name} is a diffusers folder but not an SD3-family transformer")
+            del raw
+            sd, _, report = quantize_state_dict(converted, config, model_prefix="", progress=_progress())
+            metadata = {}
+        model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": make_fp8_ops(compute)},
+                                                         metadata=metadata)
+        if model is None:
+            raise ValueError(f"model_name: {model_name} is not a diffusion model ComfyUI recognises")
+        record_info(model, model_name, report.rule, fp8_format, scaling)
+        return (model, f"{model_name}\n{report.to_text()}")

@@ -1,0 +1,85 @@
+"""Quantize the Linear layers of a loaded ComfyUI model on a clone, never on the input.
+
+ComfyUI caches node outputs and shares them between branches, so the input
+ModelPatcher and its modules stay untouched: each quantized layer is a new FP8
+module attached to the clone as an object patch, swapped in only while the clone is
+loaded. The GPU therefore only ever receives the FP8 layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import comfy.model_management
+import comfy.utils
+import torch
+
+from ..quant.formats import is_fp8, quantize_weight, relative_error
+from ..quant.report import LayerReport, Report
+from .fp8_ops import fp8_linear_from, make_fp8_ops
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def _original_weight(patcher, key: str, module: torch.nn.Module) -> torch.Tensor:
+    """The layer's own weight, without LoRA merged in by a patcher that is currently applied."""
+    for candidate in (patcher, getattr(patcher, "parent", None)):
+        backup = getattr(candidate, "backup", {}) if candidate is not None else {}
+        if key in backup:
+            return backup[key].weight
+    return module.weight
+
+
+def quantize_modules(
+    patcher,
+    root_attr: str,
+    should_quantize: Callable[[str, tuple[int, ...]], bool],
+    *,
+    fp8_format: str,
+    scaling: str,
+    compute: str,
+    report: Report,
+) -> object:
+    """Clone `patcher` and attach an FP8 copy of each selected Linear under `root_attr`.
+
+    `root_attr` is the attribute path of the module tree inside patcher.model
+    ("diffusion_model" for MODEL, "" for a CLIP's cond_stage_model). Layers already in
+    FP8 are left as they are and reported. Honours ComfyUI's interrupt between layers.
+    """
+    clone = patcher.clone()
+    root = comfy.utils.get_attr(patcher.model, root_attr) if root_attr else patcher.model
+    prefix = f"{root_attr}." if root_attr else ""
+    ops = make_fp8_ops(compute)
+    linears = [(n, m) for n, m in root.named_modules() if isinstance(m, torch.nn.Linear)]
+    progress = comfy.utils.ProgressBar(max(len(linears), 1))
+    handled: set[int] = set()
+    for index, (name, module) in enumerate(linears):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        weight = _original_weight(patcher, f"{prefix}{name}.weight", module)
+        shape = tuple(weight.shape)
+        handled.add(id(module.weight))
+        if is_fp8(weight):
+            scale = getattr(module, "weight_scale", None)
+            report.add(LayerReport(name, shape, str(weight.dtype), str(weight.dtype),
+                                   _nbytes(weight) + _nbytes(scale), _nbytes(weight) + _nbytes(scale), None, "kept"))
+            report.warnings.append(f"{name}: already {weight.dtype}, left as it is")
+        elif weight.dim() == 2 and should_quantize(name, shape):
+            qweight, scale = quantize_weight(weight, fp8_format, scaling, name=name)
+            layer = fp8_linear_from(ops, qweight, scale, module.bias, bias_dtype=weight.dtype)
+            clone.add_object_patch(f"{prefix}{name}", layer)
+            err = relative_error(weight, qweight.to(torch.float32) * scale)
+            report.add(LayerReport(name, shape, str(weight.dtype), str(qweight.dtype), _nbytes(weight),
+                                   _nbytes(qweight) + _nbytes(scale), err, "fp8"))
+        else:
+            report.add(LayerReport(name, shape, str(weight.dtype), str(weight.dtype), _nbytes(weight),
+                                   _nbytes(weight), None, "protected"))
+        progress.update_absolute(index + 1)
+    for name, tensor in list(root.named_parameters()) + list(root.named_buffers()):
+        if id(tensor) not in handled and not name.endswith(".weight_scale"):
+            report.add(LayerReport(name, tuple(tensor.shape), str(tensor.dtype), str(tensor.dtype),
+                                   _nbytes(tensor), _nbytes(tensor), None, "kept"))
+    if report.n_fp8 == 0 and not any("already" in w for w in report.warnings):
+        report.warnings.append("no layer was quantized: check protect_preset / protect_patterns")
+    return clone

@@ -1,0 +1,43 @@
+"""QuantConfig: every choice a quantization run takes, validated once.
+
+Frozen so one config can be shared between loads without leaking state
+(a per-model setting never lives on a shared class).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .formats import FP8_DTYPES, SCALINGS
+
+PRESETS: tuple[str, ...] = ("auto", "sd35_large", "sd35_medium", "sd35_large_turbo", "none")
+COMPUTE_MODES: tuple[str, ...] = ("auto", "fp8_matmul", "weight_only")
+BACKENDS: tuple[str, ...] = ("native", "quanto")
+
+
+def _check_choice(field_name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{field_name}: {value!r} is not one of {list(choices)}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how. Field names match the node inputs."""
+
+    fp8_format: str = "float8_e4m3fn"
+    scaling: str = "per_channel"
+    protect_preset: str = "auto"
+    protect_patterns: tuple[str, ...] = field(default_factory=tuple)
+    compute: str = "auto"
+    backend: str = "native"
+
+    def __post_init__(self) -> None:
+        _check_choice("fp8_format", self.fp8_format, tuple(FP8_DTYPES))
+        _check_choice("scaling", self.scaling, SCALINGS)
+        _check_choice("protect_preset", self.protect_preset, PRESETS)
+        _check_choice("compute", self.compute, COMPUTE_MODES)
+        _check_choice("backend", self.backend, BACKENDS)
+        if isinstance(self.protect_patterns, str):
+            object.__setattr__(self, "protect_patterns", tuple(self.protect_patterns.splitlines()))
+        else:
+            object.__setattr__(self, "protect_patterns", tuple(self.protect_patterns))

@@ -1,0 +1,71 @@
+"""Shared fixtures: the pinned ComfyUI host, its base folder, the tiny SD3.5 checkpoints.
+
+The host is booted once per test session (ComfyUI keeps its settings in module
+globals); each session gets a fresh temporary base folder for models, input and
+output, with this repo linked into custom_nodes/.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache"
+PACK_NAME = "sd35_fp8"
+sys.path.insert(0, str(REPO / "tools"))
+
+import comfy_host  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def comfy_dir() -> Path:
+    return comfy_host.materialise(CACHE)
+
+
+@pytest.fixture(scope="session")
+def fixture_files(comfy_dir: Path) -> dict:
+    """Build (or reuse) the tiny checkpoints; returns {name: path} plus the manifest."""
+    out = CACHE / "fixtures"
+    subprocess.run([sys.executable, str(REPO / "tools" / "tiny_sd35.py"), "--comfy", str(comfy_dir), "--out", str(out)],
+                   check=True, stdout=subprocess.DEVNULL)
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = {"dir": out, "manifest": manifest}
+    for variant, entry in manifest["files"].items():
+        for kind in ("all_in_one", "transformer", "diffusers"):
+            if kind in entry:
+                files[f"{variant}_{kind}"] = out / entry[kind]
+    return files
+
+
+@pytest.fixture(scope="session")
+def comfy_base(tmp_path_factory, fixture_files: dict) -> Path:
+    base = comfy_host.make_base_dir(tmp_path_factory.mktemp("comfy_base"), REPO, PACK_NAME)
+    for key, path in fixture_files.items():
+        if key.endswith("_all_in_one"):
+            comfy_host.link_model(base, "checkpoints", path)
+        elif key.endswith("_transformer") or key.endswith("_diffusers"):
+            comfy_host.link_model(base, "diffusion_models", path)
+    return base
+
+
+@pytest.fixture(scope="session")
+def comfy_nodes(comfy_dir: Path, comfy_base: Path) -> dict:
+    """Boot ComfyUI in this process and load all nodes; fails if our pack fails to import."""
+    comfy_host.boot(comfy_dir, comfy_base)
+    return comfy_host.load_nodes(PACK_NAME)
+
+
+@pytest.fixture(scope="session")
+def runner(comfy_nodes) -> comfy_host.PromptRunner:
+    return comfy_host.PromptRunner()
+
+
+@pytest.fixture(scope="session")
+def pack(comfy_nodes):
+    """Our pack's module as ComfyUI imported it (use its classes for isinstance checks)."""
+    return sys.modules[PACK_NAME]

@@ -1,0 +1,62 @@
+"""The pinned ComfyUI host starts with the pack loaded, and the harness catches import failures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import urllib.request
+from pathlib import Path
+
+import comfy_host
+
+CONTRACT_IDS = {
+    "SD35FP8CheckpointLoader", "SD35FP8DiffusionModelLoader", "SD35FP8QuantizeModel", "SD35FP8QuantizeCLIP",
+    "SD35FP8Sampler", "SD35FP8HardwareInfo", "SD35FP8CompareImages", "SD35FP8SaveModel",
+}
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_host_is_pinned_comfyui(comfy_dir):
+    assert (comfy_dir / "comfyui_version.py").read_text().count('"0.3.75"') == 1
+    assert not (comfy_dir / "extra_model_paths.yaml").exists()
+
+
+def test_pack_loads_with_all_nodes(comfy_nodes):
+    assert CONTRACT_IDS <= set(comfy_nodes)
+    assert "KSampler" in comfy_nodes and "SkipLayerGuidanceSD3" in comfy_nodes
+
+
+def test_pack_import_failure_fails_the_harness(tmp_path, comfy_dir):
+    """ComfyUI only logs a broken custom node; our harness must raise instead."""
+    broken = tmp_path / "broken_pack"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('deliberately broken')\n")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO / 'tools')!r})
+        import comfy_host
+        base = comfy_host.make_base_dir({str(tmp_path / 'base')!r}, {str(broken)!r}, 'sd35_fp8')
+        comfy_host.boot({str(comfy_dir)!r}, base)
+        try:
+            comfy_host.load_nodes('sd35_fp8')
+        except comfy_host.CustomNodeImportError as e:
+            print('CAUGHT', 'deliberately broken' in str(e))
+        else:
+            print('NOT CAUGHT')
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "CAUGHT True" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+
+
+def test_http_server_starts_and_lists_our_nodes(tmp_path, comfy_dir, comfy_base):
+    server = comfy_host.ServerProcess(comfy_dir, comfy_base, tmp_path / "server.log")
+    server.start()
+    try:
+        with urllib.request.urlopen(server.url + "/object_info/SD35FP8Sampler", timeout=30) as r:
+            info = r.read().decode()
+        assert '"SD35FP8Sampler"' in info and "SD3.5 FP8/sampling" in info
+        assert "IMPORT FAILED" not in server.log_text()
+    finally:
+        server.stop()
+    assert server.proc.poll() is not None

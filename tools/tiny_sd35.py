@@ -1,0 +1,208 @@
+"""Build tiny SD3.5-architecture checkpoints for tests, the demo and benchmarks.
+
+No weights can be downloaded, so we make them: ComfyUI's own model classes are
+instantiated on the meta device only to enumerate the exact key names and shapes,
+then every tensor is drawn here, seeded per key, so the files are deterministic and
+every value is set (ComfyUI builds models with uninitialised memory).
+
+Outputs (in --out):
+  tiny_sd35_large.safetensors        all-in-one: MMDiT (qk RMS norm) + SD3 VAE + CLIP-L
+  tiny_sd35_medium.safetensors       all-in-one: MMDiT-X (x_block attn2 layers) + VAE + CLIP-L
+  tiny_sd35_large_turbo.safetensors  all-in-one, Large shapes, "turbo" in name and metadata
+  tiny_sd35_large_transformer.safetensors / tiny_sd35_medium_transformer.safetensors
+                                     diffusion model only (no prefix), as in diffusion_models/
+  tiny_sd35_medium_diffusers/        diffusers-format folder (transformer/ sharded), made with
+                                     diffusers' own SD3Transformer2DModel
+  manifest.json                      what was built, with the configs
+
+Run inside a Python that can import ComfyUI (pass its folder with --comfy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+BUILDER_VERSION = "1"
+HEAD_DIM = 64  # ComfyUI derives depth (= heads) as hidden // 64
+
+# Tiny variants. hidden = 64 * depth, as ComfyUI's detection assumes.
+VARIANTS: dict[str, dict] = {
+    "large": {"depth": 2, "pos_embed_max_size": 16, "x_block_self_attn_layers": []},
+    "medium": {"depth": 3, "pos_embed_max_size": 24, "x_block_self_attn_layers": [0, 1]},
+}
+CONTEXT_DIM = 4096  # T5-XXL width; CLIP-L/G contexts are zero-padded to it
+ADM_DIM = 2048  # pooled CLIP-L (768) + CLIP-G (1280)
+VAE_DDCONFIG = {
+    "double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3,
+    "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+}
+
+
+def mmdit_kwargs(variant: str) -> dict:
+    v = VARIANTS[variant]
+    depth = v["depth"]
+    hidden = HEAD_DIM * depth
+    return {
+        "patch_size": 2, "in_channels": 16, "out_channels": 16, "depth": depth, "input_size": None,
+        "adm_in_channels": ADM_DIM,
+        "context_embedder_config": {
+            "target": "torch.nn.Linear", "params": {"in_features": CONTEXT_DIM, "out_features": hidden},
+        },
+        "num_patches": v["pos_embed_max_size"] ** 2, "pos_embed_max_size": v["pos_embed_max_size"],
+        "qk_norm": "rms", "pos_embed_scaling_factor": None,
+        "x_block_self_attn_layers": list(v["x_block_self_attn_layers"]),
+    }
+
+
+def _meta_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(t.shape) for k, t in module.state_dict().items()}
+
+
+def mmdit_shapes(variant: str) -> dict[str, tuple[int, ...]]:
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+
+    model = MMDiT(**mmdit_kwargs(variant), device="meta", dtype=torch.float16, operations=comfy.ops.disable_weight_init)
+    return _meta_shapes(model)
+
+
+def vae_shapes() -> dict[str, tuple[int, ...]]:
+    import comfy.ops  # noqa: F401  (model.py expects comfy.ops to be importable)
+    from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
+
+    with torch.device("meta"):
+        shapes = {f"encoder.{k}": s for k, s in _meta_shapes(Encoder(**VAE_DDCONFIG)).items()}
+        shapes.update({f"decoder.{k}": s for k, s in _meta_shapes(Decoder(**VAE_DDCONFIG)).items()})
+    return shapes
+
+
+def clip_l_shapes() -> dict[str, tuple[int, ...]]:
+    import comfy.sd1_clip
+
+    model = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float16)
+    return {k: s for k, s in _meta_shapes(model).items() if k.startswith("transformer.")}
+
+
+def _seed_for(seed: int, key: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def draw_tensor(key: str, shape: tuple[int, ...], seed: int, gain: float = 1.0) -> torch.Tensor:
+    """One tensor, deterministic for (seed, key): norms 1, biases 0, the rest small random."""
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "bias":
+        return torch.zeros(shape)
+    if len(shape) == 1 and leaf == "weight":
+        return torch.ones(shape)  # every 1-D weight in these models is a norm scale
+    if leaf == "logit_scale" or len(shape) == 0:
+        return torch.full(shape, 4.6052)
+    if key.endswith("position_ids"):
+        return torch.arange(shape[-1]).expand(shape).clone()
+    gen = torch.Generator().manual_seed(_seed_for(seed, key))
+    values = torch.randn(shape, generator=gen)
+    if "embedding" in key or key.endswith("pos_embed"):
+        return values * 0.02
+    fan_in = 1
+    for d in shape[1:]:
+        fan_in *= d
+    return values * (gain / max(fan_in, 1) ** 0.5)
+
+
+def draw_state_dict(shapes: dict[str, tuple[int, ...]], seed: int, prefix: str = "", gain: float = 1.0,
+                    dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, shape in shapes.items():
+        t = draw_tensor(key, shape, seed, gain)
+        out[prefix + key] = t if key.endswith("position_ids") else t.to(dtype)
+    return out
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def build_diffusers_folder(out: Path, variant: str, seed: int) -> None:
+    """A diffusers-format SD3.5 folder made by diffusers' own class (sharded weights)."""
+    from diffusers import SD3Transformer2DModel
+
+    v = VARIANTS[variant]
+    depth = v["depth"]
+    config = {
+        "sample_size": 32, "patch_size": 2, "in_channels": 16, "num_layers": depth,
+        "attention_head_dim": HEAD_DIM, "num_attention_heads": depth, "joint_attention_dim": CONTEXT_DIM,
+        "caption_projection_dim": HEAD_DIM * depth, "pooled_projection_dim": ADM_DIM, "out_channels": 16,
+        "pos_embed_max_size": v["pos_embed_max_size"], "qk_norm": "rms_norm",
+        "dual_attention_layers": tuple(v["x_block_self_attn_layers"]),
+    }
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(**config)
+    with torch.no_grad():
+        for key, param in model.state_dict().items():
+            param.copy_(draw_tensor(key, tuple(param.shape), seed, gain=0.5))
+    model = model.to(torch.float16)
+    tmp = out.with_name(f".{out.name}.tmp")
+    model.save_pretrained(tmp / "transformer", max_shard_size="2MB", safe_serialization=True)
+    (tmp / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.31.0",
+        "transformer": ["diffusers", "SD3Transformer2DModel"],
+    }, indent=2))
+    tmp.replace(out)
+
+
+def build_all(out: Path, seed: int = 0) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / "manifest.json"
+    stamp = hashlib.sha256((Path(__file__).read_text() + str(seed)).encode()).hexdigest()[:16]
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("stamp") == stamp:
+            return manifest
+    vae = draw_state_dict(vae_shapes(), seed, prefix="first_stage_model.")
+    clip_l = draw_state_dict(clip_l_shapes(), seed, prefix="text_encoders.clip_l.")
+    manifest: dict = {"stamp": stamp, "builder_version": BUILDER_VERSION, "seed": seed, "files": {}}
+    for variant in VARIANTS:
+        dm = draw_state_dict(mmdit_shapes(variant), seed, gain=0.5)
+        names = [variant] + (["large_turbo"] if variant == "large" else [])
+        for name in names:
+            meta = {"modelspec.title": f"tiny SD3.5 {name.replace('_', ' ')} (random weights, test fixture)"}
+            full = {f"model.diffusion_model.{k}": v for k, v in dm.items()} | vae | clip_l
+            path = out / f"tiny_sd35_{name}.safetensors"
+            _atomic_save(full, path, meta)
+            manifest["files"][name] = {"all_in_one": path.name, "mmdit": mmdit_kwargs(variant)}
+        dm_path = out / f"tiny_sd35_{variant}_transformer.safetensors"
+        _atomic_save(dm, dm_path, {"modelspec.title": f"tiny SD3.5 {variant} transformer"})
+        manifest["files"][variant]["transformer"] = dm_path.name
+    diffusers_dir = out / "tiny_sd35_medium_diffusers"
+    if not diffusers_dir.exists():
+        build_diffusers_folder(diffusers_dir, "medium", seed)
+    manifest["files"]["medium"]["diffusers"] = diffusers_dir.name
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--comfy", required=True, help="ComfyUI folder (for its model classes)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from comfy_host import boot
+
+    boot(args.comfy)
+    manifest = build_all(Path(args.out), args.seed)
+    print(json.dumps(manifest["files"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
