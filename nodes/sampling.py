@@ -15,11 +15,12 @@ import comfy.samplers
 import psutil
 import torch
 
-# Recommended settings. Sources: Stability AI's SD3.5 model cards and reference inference script
-# (sd3_infer.py: shift 3.0 for all; Large 28-40 steps at cfg 3.5-4.5; Medium 40 steps, cfg ~4.5 with
-# skip-layer guidance on layers 7,8,9 from 1% to 20% of sampling; Large Turbo 4 steps, cfg 1.0).
+# Recommended settings. Sources: the Hugging Face model cards of stabilityai/stable-diffusion-3.5-large
+# (28 steps, guidance 3.5), -medium (40 steps, guidance 4.5) and -large-turbo (4 steps, guidance 0-1), and
+# Stability AI's reference repo sd3.5 (shift 3.0; Medium skip-layer guidance on layers 7,8,9 at scale 2.5
+# from 1% to 20% of sampling).
 PRESETS: dict[str, dict] = {
-    "sd35_large": {"steps": 28, "cfg": 4.5, "sampler_name": "dpmpp_2m", "scheduler": "sgm_uniform", "shift": 3.0,
+    "sd35_large": {"steps": 28, "cfg": 3.5, "sampler_name": "dpmpp_2m", "scheduler": "sgm_uniform", "shift": 3.0,
                    "skip_layers": ""},
     "sd35_medium": {"steps": 40, "cfg": 4.5, "sampler_name": "dpmpp_2m", "scheduler": "sgm_uniform", "shift": 3.0,
                     "skip_layers": "7,8,9", "skip_scale": 2.5, "skip_start": 0.01, "skip_end": 0.20},

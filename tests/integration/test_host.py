@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -53,9 +54,12 @@ def test_http_server_starts_and_lists_our_nodes(tmp_path, comfy_dir, comfy_base)
     server = comfy_host.ServerProcess(comfy_dir, comfy_base, tmp_path / "server.log")
     server.start()
     try:
-        with urllib.request.urlopen(server.url + "/object_info/SD35FP8Sampler", timeout=30) as r:
-            info = r.read().decode()
-        assert '"SD35FP8Sampler"' in info and "SD3.5 FP8/sampling" in info
+        with urllib.request.urlopen(server.url + "/object_info", timeout=60) as r:
+            info = json.loads(r.read())
+        assert CONTRACT_IDS <= set(info)
+        assert info["SD35FP8Sampler"]["category"] == "SD3.5 FP8/sampling"
+        assert info["SD35FP8CheckpointLoader"]["display_name"] == "Load SD3.5 Checkpoint (FP8)"
+        assert "tiny_sd35_large.safetensors" in info["SD35FP8CheckpointLoader"]["input"]["required"]["ckpt_name"][0]
         assert "IMPORT FAILED" not in server.log_text()
     finally:
         server.stop()
