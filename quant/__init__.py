@@ -10,7 +10,18 @@ Public API (keyword arguments, one verb each):
     save_quantized / load_quantized                (quant.checkpoint)
 """
 
+from .checkpoint import load_quantized, save_quantized
 from .config import QuantConfig
 from .formats import dequantize_weight, quantize_weight
+from .hardware import probe_device, resolve_compute
+from .linear import FP8Linear
+from .policy import detect_variant, resolve_policy
+from .quantize import quantize
+from .report import Report
+from .streaming import quantize_safetensors_stream, quantize_state_dict
 
-__all__ = ["QuantConfig", "dequantize_weight", "quantize_weight"]
+__all__ = [
+    "FP8Linear", "QuantConfig", "Report", "dequantize_weight", "detect_variant", "load_quantized", "probe_device",
+    "quantize", "quantize_safetensors_stream", "quantize_state_dict", "quantize_weight", "resolve_compute",
+    "resolve_policy", "save_quantized",
+]

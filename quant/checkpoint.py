@@ -1,0 +1,178 @@
+"""Reading and writing FP8 checkpoints in ComfyUI's layouts. safetensors only, never pickle.
+
+Written layout (ComfyUI mixed precision, read by 0.3.75's own loaders and converted by newer
+ones into their per-layer `comfy_quant` form): `<layer>.weight` float8, `<layer>.weight_scale`
+float32 ([] or [out, 1]), header metadata `_quantization_metadata` =
+{"format_version": "1.0", "layers": {"<layer>": {"format": "float8_e4m3fn"}}}.
+
+Read layouts: the above, and ComfyUI's older "scaled fp8" (`scaled_fp8` marker tensor,
+`<layer>.scale_weight`), which is converted to the above on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .formats import format_name, is_fp8
+
+QUANT_METADATA_KEY = "_quantization_metadata"
+LEGACY_MARKER = "scaled_fp8"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class UnsafeFileError(ValueError):
+    """A pickle-based (or otherwise non-safetensors) model file: refused unread."""
+
+
+def refuse_pickle(path: str | os.PathLike, input_name: str = "file") -> None:
+    """Refuse anything but a well-formed .safetensors file, without ever unpickling it."""
+    name = os.path.basename(str(path))
+    if str(path).lower().endswith(PICKLE_SUFFIXES):
+        raise UnsafeFileError(
+            f"{input_name}: {name} is a pickle-based file; this pack never unpickles model files (loading one can "
+            "run arbitrary code). Use a .safetensors version of the model, or convert it in a sandbox."
+        )
+    check_safetensors(path, input_name)
+
+
+def check_safetensors(path: str | os.PathLike, input_name: str = "file") -> dict:
+    """Parse and validate a safetensors header (truncated or corrupt files fail here, naming the input)."""
+    name = os.path.basename(str(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{input_name}: {name} does not exist (or is not a file)")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{input_name}: {name} is empty or truncated ({size} bytes); re-download it")
+        if head[:1] == b"\x80" or head[:2] == b"PK":
+            raise UnsafeFileError(f"{input_name}: {name} is a pickle/zip (torch.save) file, not safetensors; this "
+                                  "pack never unpickles model files. Use a .safetensors version of the model.")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(_MAX_HEADER, size - 8):
+            raise ValueError(f"{input_name}: {name} is not a valid safetensors file (header length {length} for a "
+                             f"{size}-byte file): it is truncated or corrupt; re-download it")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            raise ValueError(f"{input_name}: {name} has a corrupt safetensors header; re-download it") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{input_name}: {name} has a corrupt safetensors header; re-download it")
+    data_size = size - 8 - length
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        end = entry.get("data_offsets", [0, 0])[1] if isinstance(entry, dict) else None
+        if end is None or end > data_size:
+            raise ValueError(f"{input_name}: {name} is truncated (tensor {key} ends past the end of the file); "
+                             "re-download it")
+    return header
+
+
+def quantization_metadata(layer_formats: dict[str, str]) -> str:
+    """The `_quantization_metadata` header value, in the dict form ComfyUI's loader calls .get() on."""
+    layers = {name: {"format": fmt} for name, fmt in sorted(layer_formats.items())}
+    return json.dumps({"format_version": "1.0", "layers": layers})
+
+
+def save_quantized(path: str | os.PathLike, sd: dict[str, torch.Tensor], layer_formats: dict[str, str],
+                   metadata: dict[str, str] | None = None, overwrite: bool = False) -> Path:
+    """Write `sd` atomically (temp file in the same folder, then link/rename). Never overwrites unless asked.
+
+    `layer_formats` names the FP8 layers relative to the diffusion model (keys of `sd` minus `.weight`).
+    """
+    path = Path(path)
+    if not str(path).endswith(".safetensors"):
+        raise ValueError(f"output: {path.name} must end in .safetensors")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"output: {path} already exists; choose another name (files are never overwritten)")
+    for layer in layer_formats:
+        if f"{layer}.weight" not in sd or f"{layer}.weight_scale" not in sd:
+            raise ValueError(f"layer {layer} is listed as FP8 but {layer}.weight/.weight_scale are missing")
+    header = {str(k): str(v) for k, v in (metadata or {}).items()}
+    header[QUANT_METADATA_KEY] = quantization_metadata(layer_formats)
+    tensors = {k: v.contiguous() for k, v in sd.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if the name was taken meanwhile: never overwrites
+            os.unlink(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    return dict(check_safetensors(path).get("__metadata__", {}) or {})
+
+
+def load_quantized(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
+    """(state dict in our layout, {layer: format}, header metadata). Legacy scaled_fp8 files are converted."""
+    refuse_pickle(path)
+    metadata = read_metadata(path)
+    sd = load_file(str(path))
+    raw = metadata.get(QUANT_METADATA_KEY)
+    if raw is not None:
+        layers = json.loads(raw).get("layers", {})
+        formats = {name: (v.get("format") if isinstance(v, dict) else str(v)) for name, v in layers.items()}
+        return sd, formats, metadata
+    marker = next((k for k in sd if k == LEGACY_MARKER or k.endswith("." + LEGACY_MARKER)), None)
+    if marker is not None:
+        return convert_legacy_scaled_fp8(sd, marker), _formats_from_tensors(sd), metadata
+    return sd, _formats_from_tensors(sd), metadata
+
+
+def convert_legacy_scaled_fp8(sd: dict[str, torch.Tensor], marker: str = LEGACY_MARKER) -> dict[str, torch.Tensor]:
+    """Older ComfyUI scaled fp8 -> our layout, in place: scale_weight -> weight_scale, marker and input scales
+    dropped. Every float8 weight must have a scale (legacy biases in fp8 are upcast)."""
+    sd.pop(marker, None)
+    for key in [k for k in sd if k.endswith(".scale_weight")]:
+        sd[key[: -len(".scale_weight")] + ".weight_scale"] = sd.pop(key).float()
+    for key in [k for k in sd if k.endswith(".scale_input")]:
+        sd.pop(key)
+    for key in [k for k in sd if is_fp8(sd[k])]:
+        if key.endswith(".weight") and key[: -len(".weight")] + ".weight_scale" in sd:
+            continue
+        sd[key] = sd[key].to(torch.float16)  # unscaled fp8 tensors (biases, embedders in legacy files)
+    return sd
+
+
+def _formats_from_tensors(sd: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {k[: -len(".weight")]: format_name(v.dtype) for k, v in sd.items()
+            if k.endswith(".weight") and is_fp8(v) and k[: -len(".weight")] + ".weight_scale" in sd}
+
+
+def inspect_file(path: str | os.PathLike) -> dict:
+    """What is in a checkpoint, from its header alone (no tensor data read)."""
+    header = check_safetensors(path)
+    metadata = header.pop("__metadata__", {}) or {}
+    dtypes: dict[str, int] = {}
+    total = 0
+    for entry in header.values():
+        dtypes[entry["dtype"]] = dtypes.get(entry["dtype"], 0) + 1
+        total += entry["data_offsets"][1] - entry["data_offsets"][0]
+    fp8 = [k[: -len(".weight")] for k, v in header.items() if k.endswith(".weight") and v["dtype"].startswith("F8")]
+    per_channel = sum(1 for k in fp8 if len(header.get(f"{k}.weight_scale", {}).get("shape", [])) == 2)
+    layout = "native" if QUANT_METADATA_KEY in metadata else \
+        "scaled_fp8 (legacy)" if any(k.endswith(LEGACY_MARKER) for k in header) else \
+        "fp8 without metadata" if fp8 else "16/32-bit"
+    return {
+        "file": os.path.basename(str(path)), "tensors": len(header), "bytes": total, "dtypes": dtypes,
+        "layout": layout, "fp8_layers": len(fp8), "per_channel_layers": per_channel,
+        "metadata": {k: v for k, v in metadata.items() if k != QUANT_METADATA_KEY},
+    }

@@ -1,0 +1,92 @@
+"""python -m quant convert IN OUT [options] | python -m quant inspect FILE
+
+For people who prepare FP8 files outside ComfyUI. The output is ComfyUI's native quantized
+layout: stock ComfyUI's Load Diffusion Model / Load Checkpoint read it, and so do our loaders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .checkpoint import inspect_file, save_quantized
+from .config import PRESETS, QuantConfig
+from .formats import FP8_DTYPES, SCALINGS
+from .streaming import TEXT_ENCODER_CHOICES, quantize_safetensors_stream
+
+DIFFUSION_PREFIX = "model.diffusion_model."
+
+
+def _progress_bar(label: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with huggingface_hub
+        tqdm = None
+    state: dict = {}
+
+    def update(done: int, total: int) -> None:
+        if tqdm is None:
+            print(f"\r{label}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+            return
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc=label, unit="tensor", file=sys.stderr)
+        state["bar"].update(done - state["bar"].n)
+        if done >= total:
+            state["bar"].close()
+
+    return update
+
+
+def convert(args: argparse.Namespace) -> int:
+    config = QuantConfig(fp8_format=args.format, scaling=args.scaling, protect_preset=args.preset,
+                         protect_patterns=tuple(args.protect or ()))
+    sd, formats, report = quantize_safetensors_stream(args.input, config, model_prefix=DIFFUSION_PREFIX,
+                                                      text_encoders=args.text_encoders,
+                                                      progress=_progress_bar("quantizing"))
+    metadata = {"sd35_fp8.source": Path(args.input).name, "sd35_fp8.rule": report.rule,
+                "sd35_fp8.fp8_format": args.format, "sd35_fp8.scaling": args.scaling}
+    # layer names in the metadata are relative to the diffusion model, in all-in-one files too
+    out = save_quantized(args.output, sd, formats, metadata=metadata, overwrite=args.overwrite)
+    print(report.to_text(max_layers=args.max_layers))
+    print(f"wrote {out}")
+    return 0
+
+
+def inspect(args: argparse.Namespace) -> int:
+    info = inspect_file(args.file)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m quant", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("convert", help="quantize a .safetensors checkpoint to FP8")
+    conv.add_argument("input")
+    conv.add_argument("output")
+    conv.add_argument("--preset", default="auto", choices=PRESETS)
+    conv.add_argument("--format", default="float8_e4m3fn", choices=sorted(FP8_DTYPES))
+    conv.add_argument("--scaling", default="per_channel", choices=SCALINGS)
+    conv.add_argument("--protect", action="append", metavar="PATTERN",
+                      help="extra layer to keep 16-bit (glob or re:regex); repeatable")
+    conv.add_argument("--text-encoders", default="none", choices=list(TEXT_ENCODER_CHOICES),
+                      help="all-in-one checkpoints: text encoders to store in FP8. Default none: stock ComfyUI "
+                           "reads FP8 text encoders only from separate files, our loader reads both")
+    conv.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    conv.add_argument("--max-layers", type=int, default=20, help="layers listed in the printed report")
+    conv.set_defaults(func=convert)
+    insp = sub.add_parser("inspect", help="summarise a checkpoint's tensors, dtypes and FP8 layout")
+    insp.add_argument("file")
+    insp.set_defaults(func=inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

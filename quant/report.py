@@ -1,0 +1,112 @@
+"""What a quantization run did, layer by layer: the STRING output of every quantizing node."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+ACTIONS = ("fp8", "protected", "kept")
+
+
+@dataclass
+class LayerReport:
+    """One tensor or Linear layer. `action`: fp8 (quantized), protected (policy kept it 16-bit), kept (not a
+    candidate: norms, biases, already-FP8 layers...). `rel_error` is ||W_fp8 - W|| / ||W|| for fp8 layers."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype_before: str
+    dtype_after: str
+    bytes_before: int
+    bytes_after: int
+    rel_error: float | None
+    action: str
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}, got {self.action!r}")
+
+
+@dataclass
+class Report:
+    layers: list[LayerReport] = field(default_factory=list)
+    rule: str = ""
+    warnings: list[str] = field(default_factory=list)
+    fp8_format: str = ""
+    scaling: str = ""
+    backend: str = "native"
+
+    def add(self, layer: LayerReport) -> None:
+        self.layers.append(layer)
+
+    def _of(self, action: str) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.action == action]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(layer.bytes_before for layer in self.layers)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(layer.bytes_after for layer in self.layers)
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
+
+    @property
+    def n_fp8(self) -> int:
+        return len(self._of("fp8"))
+
+    @property
+    def n_protected(self) -> int:
+        return len(self._of("protected"))
+
+    @property
+    def fp8_bytes(self) -> int:
+        """Bytes of the FP8 layers after quantization (weights + scales)."""
+        return sum(layer.bytes_after for layer in self._of("fp8"))
+
+    @property
+    def max_rel_error(self) -> float:
+        errors = [layer.rel_error for layer in self._of("fp8") if layer.rel_error is not None]
+        return max(errors, default=0.0)
+
+    @property
+    def mean_rel_error(self) -> float:
+        errors = [layer.rel_error for layer in self._of("fp8") if layer.rel_error is not None]
+        return sum(errors) / len(errors) if errors else 0.0
+
+    def summary(self) -> str:
+        mb = 1024 * 1024
+        return (f"{self.n_fp8} fp8, {self.n_protected} protected; "
+                f"{self.bytes_before / mb:.1f} MB -> {self.bytes_after / mb:.1f} MB ({self.ratio:.3f}x)")
+
+    def to_text(self, max_layers: int | None = None) -> str:
+        lines = [
+            f"rule: {self.rule}",
+            f"format: {self.fp8_format} {self.scaling} (backend {self.backend})",
+            f"layers: {self.summary()}",
+            f"bytes: {self.bytes_before} -> {self.bytes_after}",
+            f"fp8 layers: {self.fp8_bytes} bytes, relative error mean {self.mean_rel_error:.4f} "
+            f"max {self.max_rel_error:.4f}",
+        ]
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines.append("name | shape | before -> after | bytes | rel_error | action")
+        listed = [layer for layer in self.layers if layer.action in ("fp8", "protected")]
+        for layer in listed[:max_layers]:
+            err = f"{layer.rel_error:.4f}" if layer.rel_error is not None else "-"
+            shape = "x".join(str(d) for d in layer.shape)
+            lines.append(f"{layer.name} | {shape} | {layer.dtype_before.removeprefix('torch.')} -> "
+                         f"{layer.dtype_after.removeprefix('torch.')} | {layer.bytes_before} -> {layer.bytes_after} | "
+                         f"{err} | {layer.action}")
+        if max_layers is not None and len(listed) > max_layers:
+            lines.append(f"... {len(listed) - max_layers} more")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "rule": self.rule, "fp8_format": self.fp8_format, "scaling": self.scaling, "backend": self.backend,
+            "warnings": list(self.warnings), "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+            "ratio": self.ratio, "n_fp8": self.n_fp8, "n_protected": self.n_protected,
+            "layers": [asdict(layer) for layer in self.layers],
+        }

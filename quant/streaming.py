@@ -1,0 +1,177 @@
+"""Quantize while reading: tensor by tensor from a memory-mapped safetensors file.
+
+The 16-bit model is never held whole: each tensor is read, quantized if the policy says
+so, and only the FP8 result is kept, so peak host memory stays near the FP8 model's size.
+`quantize_state_dict` runs the same per-tensor step over an in-memory dict (popping as it
+goes), so both give bit-identical results.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+from safetensors import safe_open
+
+from .checkpoint import LEGACY_MARKER, check_safetensors
+from .config import QuantConfig
+from .formats import format_name, is_fp8, quantize_weight, relative_error
+from .policy import ProtectionPolicy, resolve_policy
+from .report import LayerReport, Report
+
+Progress = Callable[[int, int], None]
+
+# Text-encoder prefixes in SD3.5 all-in-one checkpoints, and which `text_encoders` choice quantizes them.
+TEXT_ENCODER_PREFIXES = {
+    "t5xxl": "text_encoders.t5xxl.",
+    "clip_g": "text_encoders.clip_g.",
+    "clip_l": "text_encoders.clip_l.",
+}
+TEXT_ENCODER_CHOICES = {"none": (), "t5xxl_only": ("t5xxl",), "all": ("t5xxl", "clip_g", "clip_l")}
+# Text-encoder 2-D weights that are not Linear layers (or are too sensitive): never FP8.
+TEXT_ENCODER_KEEP = ("embed", "shared", "relative_attention_bias", "text_projection", "position")
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class _Quantizer:
+    """The per-tensor step shared by the streaming and the in-memory paths."""
+
+    def __init__(self, config: QuantConfig, policy: ProtectionPolicy, model_prefix: str,
+                 text_encoders: tuple[str, ...]) -> None:
+        self.config = config
+        self.policy = policy
+        self.model_prefix = model_prefix
+        self.te_prefixes = tuple(TEXT_ENCODER_PREFIXES[e] for e in text_encoders)
+        self.already_fp8 = False
+        self.report = Report(rule=policy.rule, warnings=list(policy.warnings), fp8_format=config.fp8_format,
+                             scaling=config.scaling, backend=config.backend)
+        self.layer_formats: dict[str, str] = {}
+
+    def _target(self, key: str, tensor: torch.Tensor) -> tuple[str | None, bool]:
+        """(name relative to its model or None, quantize?) for one key."""
+        if key.startswith(self.model_prefix):
+            rel = key[len(self.model_prefix):]
+            if rel.endswith(".weight") and tensor.dim() == 2:
+                return rel, self.policy.should_quantize(rel[: -len(".weight")], tuple(tensor.shape))
+            return rel, False
+        for prefix in self.te_prefixes:
+            if key.startswith(prefix) and key.endswith(".weight") and tensor.dim() == 2:
+                return None, not any(word in key for word in TEXT_ENCODER_KEEP)
+        return None, False
+
+    def step(self, key: str, tensor: torch.Tensor, scale_for: Callable[[str], torch.Tensor | None]) \
+            -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield the output tensors for one input tensor."""
+        rel, quantize = self._target(key, tensor)
+        name = (rel or key).removesuffix(".weight")
+        if key.endswith((".scale_weight", ".weight_scale", ".input_scale", ".scale_input")) or \
+                key.endswith(LEGACY_MARKER):
+            return  # emitted together with their weight (or dropped: we scale activations dynamically)
+        if is_fp8(tensor):
+            scale = scale_for(key[: -len(".weight")])
+            if scale is None:
+                raise ValueError(f"{key} is {tensor.dtype} without a weight_scale/scale_weight: "
+                                 "not a scaled FP8 file this pack can read")
+            if rel is not None:
+                self.layer_formats[name] = format_name(tensor.dtype)
+            size = _nbytes(tensor) + _nbytes(scale)
+            self.report.add(LayerReport(name, tuple(tensor.shape), str(tensor.dtype), str(tensor.dtype), size, size,
+                                        None, "kept"))
+            self.already_fp8 = True
+            yield key, tensor
+            yield key[: -len(".weight")] + ".weight_scale", scale.float()
+            return
+        if quantize:
+            qweight, scale = quantize_weight(tensor, self.config.fp8_format, self.config.scaling, name=name)
+            err = relative_error(tensor, qweight.float() * scale)
+            self.report.add(LayerReport(name, tuple(tensor.shape), str(tensor.dtype), str(qweight.dtype),
+                                        _nbytes(tensor), _nbytes(qweight) + _nbytes(scale), err, "fp8"))
+            if rel is not None:
+                self.layer_formats[name] = self.config.fp8_format
+            yield key, qweight
+            yield key[: -len(".weight")] + ".weight_scale", scale
+            return
+        if rel is not None:
+            action = "protected" if rel.endswith(".weight") and tensor.dim() == 2 else "kept"
+            self.report.add(LayerReport(name if action == "protected" else rel, tuple(tensor.shape), str(tensor.dtype),
+                                        str(tensor.dtype), _nbytes(tensor), _nbytes(tensor), None, action))
+        yield key, tensor
+
+    def finish(self) -> Report:
+        if self.already_fp8:
+            self.report.warnings.append("the input already holds FP8 layers: they were kept as they are")
+        elif self.report.n_fp8 == 0:
+            self.report.warnings.append("no layer was quantized: check protect_preset / protect_patterns")
+        return self.report
+
+
+def _diffusion_shapes(shapes: Mapping[str, tuple[int, ...]], model_prefix: str) -> dict[str, tuple[int, ...]]:
+    return {k[len(model_prefix):]: s for k, s in shapes.items() if k.startswith(model_prefix)}
+
+
+def _check_text_encoders(text_encoders: str | None) -> tuple[str, ...]:
+    if text_encoders is None:
+        return ()
+    if text_encoders not in TEXT_ENCODER_CHOICES:
+        raise ValueError(f"text_encoder_fp8: {text_encoders!r} is not one of {list(TEXT_ENCODER_CHOICES)}")
+    return TEXT_ENCODER_CHOICES[text_encoders]
+
+
+def quantize_safetensors_stream(path: str | os.PathLike, config: QuantConfig, *, model_prefix: str = "",
+                                text_encoders: str | None = None, progress: Progress | None = None,
+                                hint: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
+    """Read `path` tensor by tensor and quantize the diffusion model's Linear weights (and, if asked, the
+    text encoders'). Returns (state dict, {layer: format} for the FP8 layers of the model, Report)."""
+    header = check_safetensors(path)
+    metadata = header.get("__metadata__", {}) or {}
+    shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    if model_prefix and not any(k.startswith(model_prefix) for k in shapes):
+        model_prefix = ""
+    hint = f"{hint} {os.path.basename(str(path))} {metadata.get('modelspec.title', '')} " \
+           f"{metadata.get('modelspec.architecture', '')}"
+    policy = resolve_policy(config, _diffusion_shapes(shapes, model_prefix), hint)
+    quantizer = _Quantizer(config, policy, model_prefix, _check_text_encoders(text_encoders))
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+
+        def scale_for(layer: str) -> torch.Tensor | None:
+            for suffix in (".weight_scale", ".scale_weight"):
+                if layer + suffix in shapes:
+                    return f.get_tensor(layer + suffix)
+            return None
+
+        for index, key in enumerate(keys):
+            for out_key, tensor in quantizer.step(key, f.get_tensor(key), scale_for):
+                out[out_key] = tensor
+            if progress is not None:
+                progress(index + 1, len(keys))
+    return out, quantizer.layer_formats, quantizer.finish()
+
+
+def quantize_state_dict(sd: dict[str, torch.Tensor], config: QuantConfig, *, model_prefix: str = "",
+                        text_encoders: str | None = None, progress: Progress | None = None,
+                        hint: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
+    """The in-memory twin of `quantize_safetensors_stream`. Consumes `sd` (pops each tensor once done)."""
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    if model_prefix and not any(k.startswith(model_prefix) for k in shapes):
+        model_prefix = ""
+    policy = resolve_policy(config, _diffusion_shapes(shapes, model_prefix), hint)
+    quantizer = _Quantizer(config, policy, model_prefix, _check_text_encoders(text_encoders))
+    extras = {k: sd[k] for k in shapes if k.endswith((".weight_scale", ".scale_weight"))}
+
+    def scale_for(layer: str) -> torch.Tensor | None:
+        return extras.get(layer + ".weight_scale", extras.get(layer + ".scale_weight"))
+
+    out: dict[str, torch.Tensor] = {}
+    keys = list(sd)
+    for index, key in enumerate(keys):
+        for out_key, tensor in quantizer.step(key, sd.pop(key), scale_for):
+            out[out_key] = tensor
+        if progress is not None:
+            progress(index + 1, len(keys))
+    return out, quantizer.layer_formats, quantizer.finish()
