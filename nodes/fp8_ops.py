@@ -4,8 +4,8 @@ The seam is ComfyUI's own: an ops class passed as model_options["custom_operatio
 (loaders) or a Linear built from it and swapped in with an object patch on a cloned
 ModelPatcher (the quantize node). Math lives in quant/; this file only adapts it to
 ComfyUI's conventions:
-- weights are created on the meta device and materialised from the state dict, so
-  loading never allocates a 16-bit copy of a layer that arrives in FP8;
+- weights are created uninitialised (no pages touched) and replaced from the state dict,
+  so loading never fills a 16-bit copy of a layer that arrives in FP8;
 - `convert_weight` / `set_weight` are the hooks ModelPatcher uses for LoRA on scaled
   weights (see comfy/ops.py scaled_fp8_ops): patches are applied to the dequantized
   weight and re-quantized with the layer's existing scale, which ModelPatcher's backup
@@ -37,10 +37,13 @@ def make_fp8_ops(compute: str = "auto") -> type:
                 self.target_dtype = dtype
                 self.compute = compute
                 self._resolved_compute: dict[str, str] = {}
-                meta = {"device": "meta", "dtype": dtype or torch.float32}
-                self.weight = torch.nn.Parameter(torch.empty((out_features, in_features), **meta), requires_grad=False)
+                # uninitialised like ComfyUI's own ops: untouched pages cost no memory, and the state dict
+                # replaces them (with an FP8 tensor where the file has one). Not meta: ComfyUI may move a
+                # module (CLIP does) before its weights are loaded.
+                empty = {"device": device, "dtype": dtype or torch.float32}
+                self.weight = torch.nn.Parameter(torch.empty((out_features, in_features), **empty), requires_grad=False)
                 if bias:
-                    self.bias = torch.nn.Parameter(torch.empty(out_features, **meta), requires_grad=False)
+                    self.bias = torch.nn.Parameter(torch.empty(out_features, **empty), requires_grad=False)
                 else:
                     self.register_parameter("bias", None)
                 self.register_parameter("weight_scale", None)

@@ -8,6 +8,7 @@ loaded. The GPU therefore only ever receives the FP8 layer.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 
 import comfy.model_management
@@ -21,6 +22,16 @@ from .fp8_ops import fp8_linear_from, make_fp8_ops
 
 def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
+
+
+def effective_module(patcher, key: str, module: torch.nn.Module) -> torch.nn.Module:
+    """The module `patcher` runs for `key`: its own object patch, else the original (clones share one
+    model, and while another clone is loaded its object patches sit in the shared module tree)."""
+    if key in patcher.object_patches:
+        return patcher.object_patches[key]
+    current = getattr(patcher.model, "current_patcher", None)
+    backup = getattr(current, "object_patches_backup", None) or {}
+    return backup.get(key, module)
 
 
 def _original_weight(patcher, key: str, module: torch.nn.Module) -> torch.Tensor:
@@ -49,10 +60,14 @@ def quantize_modules(
     FP8 are left as they are and reported. Honours ComfyUI's interrupt between layers.
     """
     clone = patcher.clone()
+    # The clone runs different modules for the same weight keys: a new uuid makes ComfyUI re-apply weight
+    # patches (LoRA) to them instead of assuming the ones already applied for the input model still hold.
+    clone.patches_uuid = uuid.uuid4()
     root = comfy.utils.get_attr(patcher.model, root_attr) if root_attr else patcher.model
     prefix = f"{root_attr}." if root_attr else ""
     ops = make_fp8_ops(compute)
-    linears = [(n, m) for n, m in root.named_modules() if isinstance(m, torch.nn.Linear)]
+    modules = ((n, effective_module(patcher, f"{prefix}{n}", m)) for n, m in root.named_modules() if n)
+    linears = [(n, m) for n, m in modules if isinstance(m, torch.nn.Linear)]
     progress = comfy.utils.ProgressBar(max(len(linears), 1))
     handled: set[int] = set()
     for index, (name, module) in enumerate(linears):

@@ -86,8 +86,7 @@ class SD35FP8QuantizeCLIP:
         report = Report(rule=f"text encoders: {', '.join(present) or 'none'} in FP8 (projections kept 16-bit)",
                         fp8_format=fp8_format, scaling=scaling)
         missing = [e for e in chosen if e not in present]
-        if missing:
-            report.warnings.append(f"this CLIP has no {', '.join(missing)} encoder; nothing to quantize there")
+        report.warnings += [f"this CLIP has no {name} encoder; nothing to quantize there" for name in missing]
 
         def should_quantize(name: str, shape: tuple[int, ...]) -> bool:
             return name.split(".", 1)[0] in present and "text_projection" not in name

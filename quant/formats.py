@@ -98,7 +98,7 @@ def quantize_with_scale(weight: torch.Tensor, scale: torch.Tensor, fmt: str = "f
             out_view.copy_((chunk.float() * inv).clamp_(-limit, limit))
         return out
     for start in range(0, rows, step):
-        chunk = weight[start:start + step].float()
+        chunk = weight[start:start + step].to(torch.float32, copy=True)  # never divide the caller's tensor
         chunk.div_(scale[start:start + step]).clamp_(-limit, limit)
         out[start:start + step].copy_(chunk)
     return out

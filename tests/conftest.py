@@ -68,4 +68,4 @@ def runner(comfy_nodes) -> comfy_host.PromptRunner:
 @pytest.fixture(scope="session")
 def pack(comfy_nodes):
     """Our pack's module as ComfyUI imported it (use its classes for isinstance checks)."""
-    return sys.modules[PACK_NAME]
+    return sys.modules[next(name for name in sys.modules if name.endswith(f"/{PACK_NAME}"))]

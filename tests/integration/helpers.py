@@ -7,8 +7,15 @@ import torch
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
+def _unload_all() -> None:
+    import comfy.model_management  # only importable once the host is booted
+
+    comfy.model_management.unload_all_models()
+
+
 def effective_linears(model) -> dict[str, torch.nn.Module]:
     """Each Linear of the diffusion model as it is when the patcher is loaded (object patches applied)."""
+    _unload_all()  # clones share one module tree: restore the originals first
     dm = model.model.diffusion_model
     out = {}
     for name, module in dm.named_modules():
@@ -24,6 +31,7 @@ def fp8_layers(model) -> dict[str, torch.nn.Module]:
 
 def snapshot(model) -> dict[str, torch.Tensor]:
     """A bit-exact copy of the diffusion model's own tensors (to prove nothing changed them)."""
+    _unload_all()
     return {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
 
 

@@ -79,7 +79,9 @@ def test_quantize_clip_all_makes_clip_l_fp8(runner, fixture_files):
     assert "no t5xxl" in report and "no clip_g" in report
     c16, c8 = runner.node_outputs("e16")[0][0][0], runner.node_outputs("e8")[0][0][0]
     rel = float((c16 - c8).norm() / c16.norm())
-    assert 0 < rel < 0.05, rel
+    # each FP8 layer's weight error is ~2.6% (the report); through CLIP-L's 12 random-weight layers the
+    # embedding moves ~8%. A wrong scale axis or a plain cast of these small weights gives > 0.2.
+    assert 0 < rel < 0.12, rel
 
 
 def test_checkpoint_without_text_encoders_says_use_tripleclip(runner, comfy_base, fixture_files, tmp_path):
