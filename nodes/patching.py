@@ -24,14 +24,11 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-def effective_module(patcher, key: str, module: torch.nn.Module) -> torch.nn.Module:
-    """The module `patcher` runs for `key`: its own object patch, else the original (clones share one
-    model, and while another clone is loaded its object patches sit in the shared module tree)."""
-    if key in patcher.object_patches:
-        return patcher.object_patches[key]
-    current = getattr(patcher.model, "current_patcher", None)
-    backup = getattr(current, "object_patches_backup", None) or {}
-    return backup.get(key, module)
+def effective_module(patcher, key: str) -> torch.nn.Module:
+    """The module `patcher` runs for `key`: its own object patch, else the original. Clones share one
+    module tree, and while another clone is loaded its object patches sit in it; ModelPatcher's
+    get_model_object looks through its (shared) backup for the original."""
+    return patcher.get_model_object(key)
 
 
 def _original_weight(patcher, key: str, module: torch.nn.Module) -> torch.Tensor:
@@ -66,7 +63,7 @@ def quantize_modules(
     root = comfy.utils.get_attr(patcher.model, root_attr) if root_attr else patcher.model
     prefix = f"{root_attr}." if root_attr else ""
     ops = make_fp8_ops(compute)
-    modules = ((n, effective_module(patcher, f"{prefix}{n}", m)) for n, m in root.named_modules() if n)
+    modules = ((n, effective_module(patcher, f"{prefix}{n}")) for n, _ in root.named_modules() if n)
     linears = [(n, m) for n, m in modules if isinstance(m, torch.nn.Linear)]
     progress = comfy.utils.ProgressBar(max(len(linears), 1))
     handled: set[int] = set()

@@ -114,6 +114,7 @@ def test_lora_before_and_after_quantize_stays_close_to_fp16_lora(runner, fixture
     img = {tag: runner.node_outputs(f"dec_{tag}")[0] for tag in ("16", "l16", "a", "b")}
     plain_vs_lora = float((img["16"] - img["l16"]).abs().mean())
     assert plain_vs_lora > 1e-3, "the LoRA has no visible effect; the test would prove nothing"
+    assert not torch.equal(img["b"], img["l16"]) and not torch.equal(img["a"], img["l16"]), "not quantized"
     for tag in ("a", "b"):
         assert float((img[tag] - img["l16"]).abs().mean()) < 0.5 * plain_vs_lora, tag
         assert _ssim(img[tag], img["l16"]) > MIN_SSIM, tag
