@@ -17,7 +17,7 @@ import comfy.utils
 import folder_paths
 from safetensors import safe_open
 
-from ..quant.checkpoint import refuse_pickle
+from ..quant.checkpoint import QUANT_METADATA_KEY, refuse_pickle
 from ..quant.config import QuantConfig
 from ..quant.streaming import quantize_safetensors_stream, quantize_state_dict
 from .common import CATEGORY, FP8_FORMAT_OR_DISABLED, PROTECT_PATTERNS, quant_inputs, record_info
@@ -51,8 +51,12 @@ def _progress():
 
 
 def _metadata(path: str) -> dict[str, str]:
+    """Header metadata for ComfyUI's model detection, minus the quantization entry: our operations read the
+    FP8 layers themselves (ComfyUI would otherwise switch to its own mixed-precision ops)."""
     with safe_open(path, framework="pt") as f:
-        return dict(f.metadata() or {})
+        metadata = dict(f.metadata() or {})
+    metadata.pop(QUANT_METADATA_KEY, None)
+    return metadata
 
 
 def _config(fp8_format, scaling, protect_preset, compute, protect_patterns) -> QuantConfig:

@@ -84,10 +84,11 @@ def quantization_metadata(layer_formats: dict[str, str]) -> str:
 
 
 def save_quantized(path: str | os.PathLike, sd: dict[str, torch.Tensor], layer_formats: dict[str, str],
-                   metadata: dict[str, str] | None = None, overwrite: bool = False) -> Path:
+                   metadata: dict[str, str] | None = None, overwrite: bool = False, model_prefix: str = "") -> Path:
     """Write `sd` atomically (temp file in the same folder, then link/rename). Never overwrites unless asked.
 
-    `layer_formats` names the FP8 layers relative to the diffusion model (keys of `sd` minus `.weight`).
+    `layer_formats` names the FP8 layers relative to the diffusion model, which is what ComfyUI reads even
+    in all-in-one files; there the keys of `sd` carry `model_prefix` ("model.diffusion_model.").
     """
     path = Path(path)
     if not str(path).endswith(".safetensors"):
@@ -95,7 +96,7 @@ def save_quantized(path: str | os.PathLike, sd: dict[str, torch.Tensor], layer_f
     if path.exists() and not overwrite:
         raise FileExistsError(f"output: {path} already exists; choose another name (files are never overwritten)")
     for layer in layer_formats:
-        if f"{layer}.weight" not in sd or f"{layer}.weight_scale" not in sd:
+        if f"{model_prefix}{layer}.weight" not in sd or f"{model_prefix}{layer}.weight_scale" not in sd:
             raise ValueError(f"layer {layer} is listed as FP8 but {layer}.weight/.weight_scale are missing")
     header = {str(k): str(v) for k, v in (metadata or {}).items()}
     header[QUANT_METADATA_KEY] = quantization_metadata(layer_formats)

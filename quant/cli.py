@@ -48,7 +48,8 @@ def convert(args: argparse.Namespace) -> int:
     metadata = {"sd35_fp8.source": Path(args.input).name, "sd35_fp8.rule": report.rule,
                 "sd35_fp8.fp8_format": args.format, "sd35_fp8.scaling": args.scaling}
     # layer names in the metadata are relative to the diffusion model, in all-in-one files too
-    out = save_quantized(args.output, sd, formats, metadata=metadata, overwrite=args.overwrite)
+    prefix = DIFFUSION_PREFIX if any(k.startswith(DIFFUSION_PREFIX) for k in sd) else ""
+    out = save_quantized(args.output, sd, formats, metadata=metadata, overwrite=args.overwrite, model_prefix=prefix)
     print(report.to_text(max_layers=args.max_layers))
     print(f"wrote {out}")
     return 0

@@ -41,12 +41,13 @@ class _Quantizer:
     """The per-tensor step shared by the streaming and the in-memory paths."""
 
     def __init__(self, config: QuantConfig, policy: ProtectionPolicy, model_prefix: str,
-                 text_encoders: tuple[str, ...]) -> None:
+                 text_encoders: tuple[str, ...], legacy: bool = False) -> None:
         self.config = config
         self.policy = policy
         self.model_prefix = model_prefix
         self.te_prefixes = tuple(TEXT_ENCODER_PREFIXES[e] for e in text_encoders)
         self.already_fp8 = False
+        self.legacy = legacy  # older ComfyUI scaled_fp8 file: it may hold unscaled fp8 biases
         self.report = Report(rule=policy.rule, warnings=list(policy.warnings), fp8_format=config.fp8_format,
                              scaling=config.scaling, backend=config.backend)
         self.layer_formats: dict[str, str] = {}
@@ -72,7 +73,10 @@ class _Quantizer:
                 key.endswith(LEGACY_MARKER):
             return  # emitted together with their weight (or dropped: we scale activations dynamically)
         if is_fp8(tensor):
-            scale = scale_for(key[: -len(".weight")])
+            scale = scale_for(key[: -len(".weight")]) if key.endswith(".weight") else None
+            if scale is None and self.legacy:
+                yield key, tensor.to(torch.float16)  # legacy files store some tensors as bare fp8
+                return
             if scale is None:
                 raise ValueError(f"{key} is {tensor.dtype} without a weight_scale/scale_weight: "
                                  "not a scaled FP8 file this pack can read")
@@ -134,7 +138,8 @@ def quantize_safetensors_stream(path: str | os.PathLike, config: QuantConfig, *,
     hint = f"{hint} {os.path.basename(str(path))} {metadata.get('modelspec.title', '')} " \
            f"{metadata.get('modelspec.architecture', '')}"
     policy = resolve_policy(config, _diffusion_shapes(shapes, model_prefix), hint)
-    quantizer = _Quantizer(config, policy, model_prefix, _check_text_encoders(text_encoders))
+    legacy = any(k.endswith(LEGACY_MARKER) for k in shapes)
+    quantizer = _Quantizer(config, policy, model_prefix, _check_text_encoders(text_encoders), legacy)
     out: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
@@ -161,7 +166,8 @@ def quantize_state_dict(sd: dict[str, torch.Tensor], config: QuantConfig, *, mod
     if model_prefix and not any(k.startswith(model_prefix) for k in shapes):
         model_prefix = ""
     policy = resolve_policy(config, _diffusion_shapes(shapes, model_prefix), hint)
-    quantizer = _Quantizer(config, policy, model_prefix, _check_text_encoders(text_encoders))
+    legacy = any(k.endswith(LEGACY_MARKER) for k in shapes)
+    quantizer = _Quantizer(config, policy, model_prefix, _check_text_encoders(text_encoders), legacy)
     extras = {k: sd[k] for k in shapes if k.endswith((".weight_scale", ".scale_weight"))}
 
     def scale_for(layer: str) -> torch.Tensor | None:

@@ -37,6 +37,11 @@ VARIANTS: dict[str, dict] = {
     "large": {"depth": 2, "pos_embed_max_size": 16, "x_block_self_attn_layers": []},
     "medium": {"depth": 3, "pos_embed_max_size": 24, "x_block_self_attn_layers": [0, 1]},
 }
+# The real architectures (public configs), built on the meta device for shape-only tests and the benchmark.
+FULL_SIZE: dict[str, dict] = {
+    "sd35_large": {"depth": 38, "pos_embed_max_size": 192, "x_block_self_attn_layers": []},
+    "sd35_medium": {"depth": 24, "pos_embed_max_size": 384, "x_block_self_attn_layers": list(range(13))},
+}
 CONTEXT_DIM = 4096  # T5-XXL width; CLIP-L/G contexts are zero-padded to it
 ADM_DIM = 2048  # pooled CLIP-L (768) + CLIP-G (1280)
 VAE_DDCONFIG = {
@@ -45,19 +50,22 @@ VAE_DDCONFIG = {
 }
 
 
-def mmdit_kwargs(variant: str) -> dict:
-    v = VARIANTS[variant]
-    depth = v["depth"]
-    hidden = HEAD_DIM * depth
+def mmdit_kwargs(variant: str, depth: int | None = None) -> dict:
+    """ComfyUI MMDiT constructor arguments for a tiny (VARIANTS) or full-size (FULL_SIZE) variant.
+    `depth` overrides the number of blocks and keeps the width (reduced-depth benchmarks)."""
+    v = VARIANTS.get(variant) or FULL_SIZE[variant]
+    hidden = HEAD_DIM * v["depth"]
+    blocks = depth or v["depth"]
     return {
-        "patch_size": 2, "in_channels": 16, "out_channels": 16, "depth": depth, "input_size": None,
+        "patch_size": 2, "in_channels": 16, "out_channels": 16, "depth": v["depth"], "num_blocks": blocks,
+        "input_size": None,
         "adm_in_channels": ADM_DIM,
         "context_embedder_config": {
             "target": "torch.nn.Linear", "params": {"in_features": CONTEXT_DIM, "out_features": hidden},
         },
         "num_patches": v["pos_embed_max_size"] ** 2, "pos_embed_max_size": v["pos_embed_max_size"],
         "qk_norm": "rms", "pos_embed_scaling_factor": None,
-        "x_block_self_attn_layers": list(v["x_block_self_attn_layers"]),
+        "x_block_self_attn_layers": [i for i in v["x_block_self_attn_layers"] if i < blocks],
     }
 
 
@@ -65,12 +73,16 @@ def _meta_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(t.shape) for k, t in module.state_dict().items()}
 
 
-def mmdit_shapes(variant: str) -> dict[str, tuple[int, ...]]:
+def build_mmdit(variant: str, device: str = "meta", dtype: torch.dtype = torch.float16, depth: int | None = None):
+    """ComfyUI's own MMDiT class (needs the booted or importable host) with uninitialised weights."""
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
-    model = MMDiT(**mmdit_kwargs(variant), device="meta", dtype=torch.float16, operations=comfy.ops.disable_weight_init)
-    return _meta_shapes(model)
+    return MMDiT(**mmdit_kwargs(variant, depth), device=device, dtype=dtype, operations=comfy.ops.disable_weight_init)
+
+
+def mmdit_shapes(variant: str) -> dict[str, tuple[int, ...]]:
+    return _meta_shapes(build_mmdit(variant))
 
 
 def vae_shapes() -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,66 @@
+"""Engine facts that need ComfyUI's own classes: full-size architectures, legacy and re-loaded FP8 files."""
+
+from __future__ import annotations
+
+import comfy_host
+import pytest
+import torch
+from helpers import fp8_layers
+from prompts import decode_and_preview, encode, ksampler
+from safetensors.torch import load_file, save_file
+from tiny_sd35 import build_mmdit
+
+
+def _quant(pack):
+    import importlib
+
+    return importlib.import_module(pack.__name__ + ".quant")
+
+
+@pytest.mark.parametrize(("variant", "depth", "hidden", "attn2"), [
+    ("sd35_large", 38, 2432, ()), ("sd35_medium", 24, 1536, tuple(range(13)))])
+def test_auto_detects_full_size_architectures_on_meta(comfy_nodes, pack, variant, depth, hidden, attn2):
+    quant = _quant(pack)
+    model = build_mmdit(variant)  # meta device: no memory
+    import importlib
+
+    shapes = importlib.import_module(pack.__name__ + ".quant.quantize").module_shapes(model)
+    policy = quant.resolve_policy(quant.QuantConfig(), shapes)
+    v = policy.variant
+    assert (v.name, v.depth, v.hidden, v.qk_norm, v.attn2_blocks) == (variant, depth, hidden, True, attn2)
+    assert policy.rule.startswith(f"auto: detected {variant}")
+    params = sum(torch.Size(s).numel() for s in shapes.values())
+    assert (8.0e9 if variant == "sd35_large" else 2.4e9) < params < (8.3e9 if variant == "sd35_large" else 2.6e9)
+
+
+def test_legacy_scaled_fp8_file_loads_through_our_loader(runner, comfy_base, fixture_files, tmp_path):
+    """An older-ComfyUI scaled_fp8 diffusion model: marker tensor, per-tensor scale_weight, fp8 biases."""
+    sd = load_file(str(fixture_files["large_transformer"]))
+    legacy = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for key, tensor in sd.items():
+        if key.startswith("joint_blocks.") and key.endswith(".weight") and tensor.dim() == 2:
+            scale = tensor.float().abs().max() / 448
+            legacy[key] = (tensor.float() / scale).to(torch.float8_e4m3fn)
+            legacy[key[: -len(".weight")] + ".scale_weight"] = scale.reshape(())
+        else:
+            legacy[key] = tensor
+    path = tmp_path / "tiny_sd35_large_scaled_fp8.safetensors"
+    save_file(legacy, str(path))
+    name = comfy_host.link_model(comfy_base, "diffusion_models", path)
+    import folder_paths
+
+    folder_paths.filename_list_cache.clear()
+    ckpt = fixture_files["large_all_in_one"].name
+    prompt = {"ck": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}, **encode("ck"),
+              "ld": {"class_type": "SD35FP8DiffusionModelLoader", "inputs": {
+                  "model_name": name, "fp8_format": "float8_e4m3fn", "scaling": "per_channel",
+                  "protect_preset": "auto", "compute": "auto"}}}
+    prompt["ks"] = ksampler(["ld", 0])
+    prompt["ks16"] = ksampler(["ck", 0])
+    prompt.update(decode_and_preview(["ks", 0], ["ck", 2], "legacy"))
+    prompt.update(decode_and_preview(["ks16", 0], ["ck", 2], "fp16"))
+    runner.run(prompt)
+    model, report = runner.node_outputs("ld")
+    assert "already holds FP8" in report and len(fp8_layers(model)) == sum(k.endswith(".scale_weight") for k in legacy)
+    ours, ref = runner.node_outputs("ks")[0]["samples"], runner.node_outputs("ks16")[0]["samples"]
+    assert torch.isfinite(ours).all() and float((ours - ref).norm() / ref.norm()) < 0.1

@@ -1,0 +1,46 @@
+"""python -m quant convert / inspect end to end on a fixture."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "quant", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_convert_then_inspect(fixture_files, tmp_path):
+    out = tmp_path / "large_fp8.safetensors"
+    done = run("convert", str(fixture_files["large_all_in_one"]), str(out), "--protect", "joint_blocks.1.*",
+               "--scaling", "per_tensor")
+    assert done.returncode == 0, done.stderr
+    assert "auto: detected sd35_large" in done.stdout and f"wrote {out}" in done.stdout
+    assert "quantizing" in done.stderr  # the progress bar
+    sd = load_file(str(out))
+    assert sd["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"].dtype.itemsize == 1
+    assert sd["model.diffusion_model.joint_blocks.1.x_block.attn.qkv.weight"].dtype.itemsize == 2
+    assert sd["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight_scale"].shape == ()
+    info = run("inspect", str(out))
+    assert info.returncode == 0, info.stderr
+    data = json.loads(info.stdout)
+    assert data["layout"] == "native" and data["fp8_layers"] > 0 and data["per_channel_layers"] == 0
+    assert data["metadata"]["sd35_fp8.scaling"] == "per_tensor"
+
+
+def test_cli_errors_are_one_line_and_nonzero(fixture_files, tmp_path):
+    out = tmp_path / "x.safetensors"
+    out.write_bytes(b"keep me")
+    done = run("convert", str(fixture_files["large_transformer"]), str(out))
+    assert done.returncode == 2 and "already exists" in done.stderr and out.read_bytes() == b"keep me"
+    done = run("convert", str(fixture_files["large_transformer"]), str(tmp_path / "y.safetensors"),
+               "--protect", "re:(")
+    assert done.returncode == 2 and "protect_patterns line 1" in done.stderr
+    assert not (tmp_path / "y.safetensors").exists()

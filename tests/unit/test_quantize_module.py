@@ -1,0 +1,80 @@
+"""quantize(module): native FP8Linear swap vs optimum-quanto, same policy, input untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mini_mmdit import MiniMMDiT
+
+from quant import QuantConfig, quantize
+from quant.linear import FP8Linear
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_native_swaps_selected_linears_and_leaves_input_alone():
+    model = MiniMMDiT()
+    before = _state(model)
+    q, report = quantize(model, QuantConfig())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, FP8Linear) for m in model.modules())
+    fp8 = {n for n, m in q.named_modules() if isinstance(m, FP8Linear)}
+    assert "joint_blocks.0.x_block.attn.qkv" in fp8 and "context_embedder" not in fp8
+    assert "final_layer.linear" not in fp8
+    assert report.n_fp8 == len(fp8) == 2 * 2 * 5 and report.n_protected == 2
+    assert report.rule.startswith("auto: detected sd35_large")
+    assert report.bytes_after < 0.35 * report.bytes_before  # fp32 in, fp8 out: ~1/4 plus protected layers
+    x = torch.randn(2, 8, 64)
+    ref, out = model(x), q(x)
+    rel = float((out - ref).norm() / ref.norm())
+    assert 0 < rel < 0.05, rel
+
+
+def test_inplace_changes_the_module_itself():
+    model = MiniMMDiT()
+    q, _ = quantize(model, QuantConfig(), inplace=True)
+    assert q is model and isinstance(model.joint_blocks[0].x_block.mlp.fc1, FP8Linear)
+
+
+def test_report_totals_and_text():
+    _, report = quantize(MiniMMDiT(), QuantConfig(scaling="per_tensor", fp8_format="float8_e5m2"))
+    text = report.to_text()
+    assert f"bytes: {report.bytes_before} -> {report.bytes_after}" in text
+    assert "float8_e5m2 per_tensor" in text and "joint_blocks.1.x_block.mlp.fc2 | 64x256 | float32 -> " \
+        "float8_e5m2" in text
+    data = report.to_dict()
+    assert data["n_fp8"] == report.n_fp8 and len(data["layers"]) == len(report.layers)
+    assert sum(layer["bytes_before"] for layer in data["layers"]) == data["bytes_before"]
+
+
+def test_quanto_backend_same_layers_and_close_outputs():
+    pytest.importorskip("optimum.quanto")
+    model = MiniMMDiT()
+    native, native_report = quantize(model, QuantConfig())
+    quanto, quanto_report = quantize(model, QuantConfig(backend="quanto"))
+    assert quanto_report.backend == "quanto"
+    assert [(layer.name, layer.action) for layer in sorted(native_report.layers, key=lambda la: la.name)
+            if layer.action != "kept"] == \
+        [(layer.name, layer.action) for layer in sorted(quanto_report.layers, key=lambda la: la.name)]
+    from optimum.quanto import QLinear
+
+    assert {n for n, m in quanto.named_modules() if isinstance(m, QLinear)} == \
+        {n for n, m in native.named_modules() if isinstance(m, FP8Linear)}
+    x = torch.randn(2, 8, 64)
+    ref = model(x)
+    rel_native = float((native(x) - ref).norm() / ref.norm())
+    rel_quanto = float((quanto(x) - ref).norm() / ref.norm())
+    assert rel_quanto < 0.05 and abs(rel_native - rel_quanto) < 0.5 * rel_quanto, (rel_native, rel_quanto)
+    quanto_errors = {layer.name: layer.rel_error for layer in quanto_report.layers if layer.action == "fp8"}
+    native_errors = {layer.name: layer.rel_error for layer in native_report.layers if layer.action == "fp8"}
+    assert quanto_errors.keys() == native_errors.keys()
+    for name, err in native_errors.items():  # both per-channel absmax e4m3: the same error per layer
+        assert quanto_errors[name] == pytest.approx(err, rel=0.2), name
+
+
+def test_quanto_backend_refuses_per_tensor():
+    pytest.importorskip("optimum.quanto")
+    with pytest.raises(ValueError, match="scaling"):
+        quantize(MiniMMDiT(), QuantConfig(backend="quanto", scaling="per_tensor"))

@@ -1,0 +1,165 @@
+"""Streaming quantize-at-load, the native file layout, legacy scaled_fp8, pickle refusal, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from quant import QuantConfig
+from quant.checkpoint import (
+    UnsafeFileError,
+    check_safetensors,
+    inspect_file,
+    load_quantized,
+    refuse_pickle,
+    save_quantized,
+)
+from quant.formats import dequantize_weight
+from quant.streaming import quantize_safetensors_stream, quantize_state_dict
+
+PREFIX = "model.diffusion_model."
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8)
+                                        if a[k].dtype.itemsize == 1 else a[k], b[k].view(torch.uint8)
+                                        if b[k].dtype.itemsize == 1 else b[k]) for k in a)
+
+
+@pytest.mark.parametrize("scaling", ["per_channel", "per_tensor"])
+def test_streaming_equals_in_memory_bit_for_bit(fixture_files, scaling):
+    path = fixture_files["medium_all_in_one"]
+    config = QuantConfig(scaling=scaling, protect_patterns="joint_blocks.2.*")
+    streamed, formats_s, report_s = quantize_safetensors_stream(path, config, model_prefix=PREFIX,
+                                                                text_encoders="all")
+    in_memory, formats_m, report_m = quantize_state_dict(load_file(str(path)), config, model_prefix=PREFIX,
+                                                         text_encoders="all")
+    assert _same(streamed, in_memory) and formats_s == formats_m
+    assert report_s.to_dict() == report_m.to_dict()
+    assert "joint_blocks.0.x_block.attn2.qkv" in formats_s and "joint_blocks.2.x_block.mlp.fc1" not in formats_s
+    assert streamed[PREFIX + "joint_blocks.0.x_block.attn2.qkv.weight"].dtype == torch.float8_e4m3fn
+    assert streamed["text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight"].dtype == \
+        torch.float8_e4m3fn
+    assert streamed["text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.weight"].dtype == \
+        torch.float16
+    assert report_s.rule.startswith("auto: detected sd35_medium")
+
+
+def test_streaming_progress_and_text_encoder_default(fixture_files):
+    calls = []
+    sd, _, report = quantize_safetensors_stream(fixture_files["large_all_in_one"], QuantConfig(),
+                                                model_prefix=PREFIX, text_encoders="t5xxl_only",
+                                                progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1][0] == calls[-1][1] and len(calls) == calls[-1][1]
+    assert sd["text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight"].dtype == torch.float16
+    assert report.n_fp8 > 0
+
+
+def test_save_load_round_trip_is_bit_exact(fixture_files, tmp_path):
+    sd, formats, _ = quantize_safetensors_stream(fixture_files["large_transformer"], QuantConfig())
+    path = save_quantized(tmp_path / "m.safetensors", sd, formats, metadata={"sd35_fp8.preset": "auto"})
+    loaded, loaded_formats, metadata = load_quantized(path)
+    assert _same(sd, loaded) and loaded_formats == formats and metadata["sd35_fp8.preset"] == "auto"
+    layers = json.loads(metadata["_quantization_metadata"])["layers"]
+    assert layers["joint_blocks.0.x_block.attn.qkv"] == {"format": "float8_e4m3fn"}  # the dict form loads
+    info = inspect_file(path)
+    assert info["layout"] == "native" and info["fp8_layers"] == len(formats) == info["per_channel_layers"]
+
+
+def test_save_is_atomic_and_never_overwrites(fixture_files, tmp_path, monkeypatch):
+    sd, formats, _ = quantize_safetensors_stream(fixture_files["large_transformer"], QuantConfig())
+    target = tmp_path / "m.safetensors"
+    save_quantized(target, sd, formats)
+    first = target.read_bytes()
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        save_quantized(target, sd, formats)
+    assert target.read_bytes() == first
+
+    import quant.checkpoint as checkpoint
+
+    def failing_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(tmp_path / "other.safetensors", sd, formats)
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]  # no partial file, no temp file
+
+
+def test_legacy_scaled_fp8_file_loads_and_streams(tmp_path):
+    torch.manual_seed(0)
+    w = torch.randn(32, 16) * 0.05
+    scale = w.abs().max() / 448
+    legacy = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn),
+              "joint_blocks.0.x_block.attn.qkv.weight": (w / scale).to(torch.float8_e4m3fn),
+              "joint_blocks.0.x_block.attn.qkv.scale_weight": scale.reshape(()),
+              "joint_blocks.0.x_block.attn.qkv.scale_input": torch.tensor(1.0),
+              "joint_blocks.0.x_block.attn.qkv.bias": torch.zeros(32).to(torch.float8_e4m3fn),
+              "context_embedder.weight": torch.randn(16, 16).half()}
+    path = tmp_path / "legacy.safetensors"
+    save_file(legacy, str(path))
+    assert inspect_file(path)["layout"] == "scaled_fp8 (legacy)"
+    sd, formats, _ = load_quantized(path)
+    assert formats == {"joint_blocks.0.x_block.attn.qkv": "float8_e4m3fn"}
+    assert "scaled_fp8" not in sd and not any(k.endswith(("scale_weight", "scale_input")) for k in sd)
+    real = dequantize_weight(sd["joint_blocks.0.x_block.attn.qkv.weight"],
+                             sd["joint_blocks.0.x_block.attn.qkv.weight_scale"])
+    assert float((real - w).norm() / w.norm()) < 0.04
+    assert sd["joint_blocks.0.x_block.attn.qkv.bias"].dtype == torch.float16
+    config = QuantConfig(protect_preset="none", protect_patterns="context_embedder")
+    streamed, stream_formats, report = quantize_safetensors_stream(path, config)
+    assert stream_formats == formats and "already holds FP8" in " ".join(report.warnings)
+    assert torch.equal(streamed["joint_blocks.0.x_block.attn.qkv.weight_scale"], scale.reshape(()).float())
+
+
+def test_pickle_files_are_refused_without_unpickling(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for name in ("model.ckpt", "model.pt", "model.bin", "disguised.safetensors"):
+        path = tmp_path / name
+        path.write_bytes(pickle.dumps({"state_dict": Exploit()}))
+        with pytest.raises(UnsafeFileError, match="never unpickles"):
+            refuse_pickle(path, "ckpt_name")
+        with pytest.raises(UnsafeFileError):
+            quantize_safetensors_stream(path, QuantConfig())
+    torch.save({"w": torch.zeros(2)}, tmp_path / "zip.safetensors")
+    with pytest.raises(UnsafeFileError, match="torch.save"):
+        refuse_pickle(tmp_path / "zip.safetensors")
+    assert not marker.exists()
+
+
+def test_truncated_and_corrupt_files_name_the_input(fixture_files, tmp_path):
+    data = fixture_files["large_transformer"].read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model_name: cut.safetensors is truncated.*re-download"):
+        check_safetensors(tmp_path / "cut.safetensors", "model_name")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty or truncated"):
+        check_safetensors(tmp_path / "empty.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + b"0" * 64)
+    with pytest.raises(ValueError, match="corrupt safetensors header"):
+        check_safetensors(tmp_path / "junk.safetensors")
+    with pytest.raises(FileNotFoundError, match="missing.safetensors does not exist"):
+        check_safetensors(tmp_path / "missing.safetensors")
+
+
+def test_already_fp8_file_is_passed_through(fixture_files, tmp_path):
+    sd, formats, _ = quantize_safetensors_stream(fixture_files["large_transformer"], QuantConfig())
+    path = save_quantized(tmp_path / "fp8.safetensors", sd, formats)
+    again, again_formats, report = quantize_safetensors_stream(path, QuantConfig())
+    assert _same(sd, again) and again_formats == formats and report.n_fp8 == 0
+    assert any("already" in w for w in report.warnings)
+    with safe_open(str(path), "pt") as f:
+        assert "_quantization_metadata" in f.metadata()
