@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache"
@@ -69,3 +71,29 @@ def runner(comfy_nodes) -> comfy_host.PromptRunner:
 def pack(comfy_nodes):
     """Our pack's module as ComfyUI imported it (use its classes for isinstance checks)."""
     return sys.modules[next(name for name in sys.modules if name.endswith(f"/{PACK_NAME}"))]
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(comfy_base, fixture_files) -> str:
+    """A LoRA for the tiny Large fixture: diffusers keys on the fused qkv (sliced patches) and a native key.
+
+    Its update is ~20% of the weights' size, like real LoRAs. (FP8 layers keep their scale under a LoRA,
+    as ComfyUI's own scaled-fp8 ops do, so an update many times larger than the weight would clip.)"""
+    hidden = 64 * fixture_files["manifest"]["files"]["large"]["mmdit"]["depth"]
+    gen = torch.Generator().manual_seed(123)
+    rank = 4
+    tensors = {}
+
+    def add(key: str, out_f: int, in_f: int) -> None:
+        tensors[f"{key}.lora_down.weight"] = (torch.randn(rank, in_f, generator=gen) * 0.1).half()
+        tensors[f"{key}.lora_up.weight"] = (torch.randn(out_f, rank, generator=gen) * 0.1).half()
+        tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+
+    for proj in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+        add(f"transformer.transformer_blocks.0.attn.{proj}", hidden, hidden)
+    for block in (0, 1):
+        add(f"diffusion_model.joint_blocks.{block}.x_block.mlp.fc1", 4 * hidden, hidden)
+        add(f"diffusion_model.joint_blocks.{block}.x_block.attn.proj", hidden, hidden)
+    path = comfy_base / "models" / "loras" / "tiny_sd35_large_lora.safetensors"
+    save_file(tensors, str(path))
+    return path.name

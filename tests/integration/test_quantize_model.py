@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import comfy_host
 import numpy as np
-import pytest
 import torch
 from helpers import fp8_layers, same_bits, snapshot
 from prompts import decode_and_preview, encode, ksampler, quantize_model
-from safetensors.torch import save_file
 from skimage.metrics import structural_similarity
 
 # Decoded-image SSIM the FP8 branch must reach against FP16. Measured on these random-weight fixtures
@@ -67,32 +65,6 @@ def test_quantizing_fp8_model_again_is_a_noop(runner, fixture_files):
     q1, q2 = runner.node_outputs("q")[0], runner.node_outputs("q2")[0]
     assert fp8_layers(q1).keys() == fp8_layers(q2).keys()
     assert "already" in runner.node_outputs("q2")[1]
-
-
-@pytest.fixture(scope="session")
-def tiny_lora(comfy_base, fixture_files) -> str:
-    """A LoRA for the tiny Large fixture: diffusers keys on the fused qkv (sliced patches) and a native key.
-
-    Its update is ~20% of the weights' size, like real LoRAs. (FP8 layers keep their scale under a LoRA,
-    as ComfyUI's own scaled-fp8 ops do, so an update many times larger than the weight would clip.)"""
-    hidden = 64 * fixture_files["manifest"]["files"]["large"]["mmdit"]["depth"]
-    gen = torch.Generator().manual_seed(123)
-    rank = 4
-    tensors = {}
-
-    def add(key: str, out_f: int, in_f: int) -> None:
-        tensors[f"{key}.lora_down.weight"] = (torch.randn(rank, in_f, generator=gen) * 0.1).half()
-        tensors[f"{key}.lora_up.weight"] = (torch.randn(out_f, rank, generator=gen) * 0.1).half()
-        tensors[f"{key}.alpha"] = torch.tensor(float(rank))
-
-    for proj in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
-        add(f"transformer.transformer_blocks.0.attn.{proj}", hidden, hidden)
-    for block in (0, 1):
-        add(f"diffusion_model.joint_blocks.{block}.x_block.mlp.fc1", 4 * hidden, hidden)
-        add(f"diffusion_model.joint_blocks.{block}.x_block.attn.proj", hidden, hidden)
-    path = comfy_base / "models" / "loras" / "tiny_sd35_large_lora.safetensors"
-    save_file(tensors, str(path))
-    return path.name
 
 
 def _lora(model: list, name: str) -> dict:

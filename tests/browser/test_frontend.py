@@ -1,0 +1,124 @@
+"""The real ComfyUI frontend (comfyui-frontend-package) in headless Debian chromium, with our nodes.
+
+Loads every shipped UI workflow into the page, checks the frontend knows every node type (no
+missing nodes) and lists ours under their categories, then queues the txt2img workflow from the
+page and waits for its image in the server's history. Screenshots go to test-artifacts/browser/.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import urllib.request
+from pathlib import Path
+
+import comfy_host
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts" / "browser"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+CONTRACT = {"SD35FP8CheckpointLoader", "SD35FP8DiffusionModelLoader", "SD35FP8QuantizeModel", "SD35FP8QuantizeCLIP",
+            "SD35FP8Sampler", "SD35FP8HardwareInfo", "SD35FP8CompareImages", "SD35FP8SaveModel"}
+UI_WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def server(comfy_dir, comfy_base, tmp_path_factory):
+    log = tmp_path_factory.mktemp("browser") / "server.log"
+    proc = comfy_host.ServerProcess(comfy_dir, comfy_base, log).start()
+    # a returning user: no first-run templates browser over the canvas
+    request = urllib.request.Request(proc.url + "/settings/Comfy.TutorialCompleted", data=b"true", method="POST")
+    urllib.request.urlopen(request, timeout=10).close()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def page(server, tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed: run `make browser` (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True,
+            args=CHROMIUM_FLAGS, viewport={"width": 1600, "height": 1000})
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(server.url, wait_until="domcontentloaded", timeout=120_000)
+        page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph "
+                               "&& Object.keys(LiteGraph.registered_node_types).length > 100", timeout=120_000)
+        page.page_errors = errors
+        yield page
+        context.close()
+
+
+def test_our_nodes_are_in_the_node_library(page):
+    info = page.evaluate("""() => Object.fromEntries(Object.entries(LiteGraph.registered_node_types)
+        .filter(([k]) => k.startsWith('SD35FP8'))
+        .map(([k, v]) => [k, {title: v.title, category: v.category || (v.nodeData && v.nodeData.category)}]))""")
+    assert set(info) == CONTRACT
+    assert info["SD35FP8CheckpointLoader"]["title"] == "Load SD3.5 Checkpoint (FP8)"
+    assert all(v["category"].startswith("SD3.5 FP8/") for v in info.values()), info
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
+def test_ui_workflow_loads_without_missing_nodes(page, path):
+    workflow = json.loads(path.read_text())
+    result = page.evaluate("""async (wf) => {
+        await window.app.loadGraphData(wf, true, true, 'test');
+        const registered = LiteGraph.registered_node_types;
+        const nodes = window.app.graph._nodes;
+        return {
+            missing: [...new Set(wf.nodes.map(n => n.type))].filter(t => !(t in registered)),
+            loaded: nodes.length,
+            broken: nodes.filter(n => n.has_errors).map(n => n.type),
+            widgets: Object.fromEntries(nodes.map(n => [n.id, (n.widgets || []).map(w => w.value)])),
+        };
+    }""", workflow)
+    assert result["missing"] == [] and result["broken"] == []
+    assert result["loaded"] == len(workflow["nodes"])
+    for node in workflow["nodes"]:  # every widget value landed where the file put it
+        assert result["widgets"][str(node["id"])][: len(node["widgets_values"])] == node["widgets_values"], node["type"]
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(ARTIFACTS / f"{path.stem}.png"))
+
+
+def _history(server) -> dict:
+    with urllib.request.urlopen(server.url + "/history", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_queue_txt2img_from_the_page(page, server, fixture_files):
+    workflow = json.loads((REPO / "workflows" / "sd35_fp8_txt2img.json").read_text())
+    for node in workflow["nodes"]:
+        if node["type"] == "SD35FP8CheckpointLoader":
+            node["widgets_values"][0] = fixture_files["large_all_in_one"].name
+        if node["type"] == "EmptySD3LatentImage":
+            node["widgets_values"][:2] = [64, 64]
+    before = set(_history(server))
+    page.evaluate("async (wf) => { await window.app.loadGraphData(wf, true, true, 'txt2img'); "
+                  "await window.app.queuePrompt(0, 1); }", workflow)
+    deadline = time.monotonic() + 300
+    entry = None
+    while time.monotonic() < deadline:
+        new = {k: v for k, v in _history(server).items() if k not in before}
+        if new and all(v.get("status", {}).get("completed") is not None for v in new.values()):
+            entry = next(iter(new.values()))
+            break
+        time.sleep(1)
+    assert entry is not None, "the prompt queued from the page did not finish in 300 s"
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    assert images and images[0]["filename"].startswith("txt2img")
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(ARTIFACTS / "txt2img_queued.png"))
+    assert not [e for e in page.page_errors if "SD35FP8" in e]
