@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CACHE := .cache
 
-.PHONY: test lint venv host fixtures demo serve bench bench-quick clean
+.PHONY: test lint venv host fixtures browser demo serve bench bench-quick clean
 
 $(STAMP): requirements-test.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,11 +26,30 @@ host: venv
 fixtures: host
 	$(PY) tools/tiny_sd35.py --comfy $(CACHE)/comfyui-0.3.75 --out $(CACHE)/fixtures
 
+# Debian's chromium for the browser test (the frontend is comfyui-frontend-package, pinned in requirements-test.txt)
+browser:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
 lint: venv
 	$(PY) -m ruff check .
 
-test: lint fixtures
+test: lint fixtures browser
 	$(PY) -m pytest -q
 
+# txt2img + FP16-vs-FP8 A/B through the real ComfyUI on your checkpoint (SD35_CHECKPOINT=...) or a tiny one
+demo: host
+	$(PY) tools/demo.py
+
+# ComfyUI with this pack and the frontend on http://127.0.0.1:8188 (CPU here; drop --cpu on a GPU machine)
+serve: host
+	mkdir -p demo-output
+	$(PY) -c "import sys; sys.path.insert(0, 'tools'); from comfy_host import make_base_dir, link_model; \
+	  from pathlib import Path; b = make_base_dir('demo-output', '.'); \
+	  [link_model(b, 'checkpoints', p) for p in Path('models/checkpoints').glob('*.safetensors')]"
+	cd $(CACHE)/comfyui-0.3.75 && $(abspath $(PY)) main.py --cpu --listen 127.0.0.1 --port 8188 \
+	  --base-directory $(abspath demo-output)
+
 clean:
-	rm -rf $(CACHE) test-artifacts
+	rm -rf $(CACHE) test-artifacts demo-output
