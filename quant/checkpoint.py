@@ -77,9 +77,16 @@ def check_safetensors(path: str | os.PathLike, input_name: str = "file") -> dict
     return header
 
 
-def quantization_metadata(layer_formats: dict[str, str]) -> str:
-    """The `_quantization_metadata` header value, in the dict form ComfyUI's loader calls .get() on."""
+def quantization_metadata(layer_formats: dict[str, str], model_prefix: str = "") -> str:
+    """The `_quantization_metadata` header value, in the dict form ComfyUI's loader calls .get() on.
+
+    ComfyUI 0.3.75 matches layer names relative to the diffusion model; newer releases turn each entry
+    into a `<name>.comfy_quant` tensor beside the full state-dict key. In all-in-one files (`model_prefix`
+    set) both spellings are listed, so each version finds its own and ignores the other.
+    """
     layers = {name: {"format": fmt} for name, fmt in sorted(layer_formats.items())}
+    if model_prefix:
+        layers.update({model_prefix + name: {"format": fmt} for name, fmt in sorted(layer_formats.items())})
     return json.dumps({"format_version": "1.0", "layers": layers})
 
 
@@ -99,7 +106,7 @@ def save_quantized(path: str | os.PathLike, sd: dict[str, torch.Tensor], layer_f
         if f"{model_prefix}{layer}.weight" not in sd or f"{model_prefix}{layer}.weight_scale" not in sd:
             raise ValueError(f"layer {layer} is listed as FP8 but {layer}.weight/.weight_scale are missing")
     header = {str(k): str(v) for k, v in (metadata or {}).items()}
-    header[QUANT_METADATA_KEY] = quantization_metadata(layer_formats)
+    header[QUANT_METADATA_KEY] = quantization_metadata(layer_formats, model_prefix)
     tensors = {k: v.contiguous() for k, v in sd.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
@@ -130,7 +137,8 @@ def load_quantized(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     raw = metadata.get(QUANT_METADATA_KEY)
     if raw is not None:
         layers = json.loads(raw).get("layers", {})
-        formats = {name: (v.get("format") if isinstance(v, dict) else str(v)) for name, v in layers.items()}
+        formats = {name: (v.get("format") if isinstance(v, dict) else str(v)) for name, v in layers.items()
+                   if f"{name}.weight" in sd}  # all-in-one files also list prefixed names for newer ComfyUI
         return sd, formats, metadata
     marker = next((k for k in sd if k == LEGACY_MARKER or k.endswith("." + LEGACY_MARKER)), None)
     if marker is not None:

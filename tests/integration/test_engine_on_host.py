@@ -64,3 +64,35 @@ def test_legacy_scaled_fp8_file_loads_through_our_loader(runner, comfy_base, fix
     assert "already holds FP8" in report and len(fp8_layers(model)) == sum(k.endswith(".scale_weight") for k in legacy)
     ours, ref = runner.node_outputs("ks")[0]["samples"], runner.node_outputs("ks16")[0]["samples"]
     assert torch.isfinite(ours).all() and float((ours - ref).norm() / ref.norm()) < 0.1
+
+
+def test_cli_converted_checkpoint_loads_with_stock_checkpoint_loader(runner, comfy_base, fixture_files, tmp_path):
+    """`python -m quant convert` on an all-in-one file: stock CheckpointLoaderSimple reads its FP8 layers."""
+    import subprocess
+    import sys
+
+    import folder_paths
+
+    out = tmp_path / "tiny_sd35_large_cli_fp8.safetensors"
+    done = subprocess.run([sys.executable, "-m", "quant", "convert", str(fixture_files["large_all_in_one"]),
+                           str(out)], cwd=comfy_host.Path(__file__).resolve().parents[2], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    name = comfy_host.link_model(comfy_base, "checkpoints", out)
+    folder_paths.filename_list_cache.clear()
+    ckpt = fixture_files["large_all_in_one"].name
+    prompt = {"ck": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}, **encode("ck"),
+              "stock8": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}},
+              "ours": {"class_type": "SD35FP8CheckpointLoader", "inputs": {
+                  "ckpt_name": ckpt, "fp8_format": "float8_e4m3fn", "scaling": "per_channel",
+                  "protect_preset": "auto", "compute": "auto", "text_encoder_fp8": "none"}}}
+    prompt["ks_stock"] = ksampler(["stock8", 0])
+    prompt["ks_ours"] = ksampler(["ours", 0])
+    prompt.update(decode_and_preview(["ks_stock", 0], ["ck", 2], "stock"))
+    prompt.update(decode_and_preview(["ks_ours", 0], ["ck", 2], "ours"))
+    runner.run(prompt)
+    stock_model = runner.node_outputs("stock8")[0]
+    quantized = stock_model.model.model_config.layer_quant_config
+    assert "joint_blocks.0.x_block.attn.qkv" in quantized  # 0.3.75 read the relative names
+    stock, ours = runner.node_outputs("ks_stock")[0]["samples"], runner.node_outputs("ks_ours")[0]["samples"]
+    assert float((stock - ours).norm() / ours.norm()) < 1e-2
