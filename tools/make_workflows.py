@@ -107,7 +107,8 @@ def ui_workflow(graph: dict, defs: dict[str, dict]) -> dict:
             if has_seed_control(name, kind, options):
                 widgets.append("fixed")
         column = columns[node_id]
-        height = 80 + 26 * (len(widgets) + max(len(inputs), len(definition["outputs"])))
+        sockets = sum(1 for i in inputs if "widget" not in i)
+        height = 40 + 22 * (len(widgets) + max(sockets, len(definition["outputs"])))
         y = column_heights.get(column, 0)
         column_heights[column] = y + height + ROW_GAP
         entry = {"id": ids[node_id], "type": class_type, "pos": [column * COLUMN_WIDTH, y], "size": [380, height],

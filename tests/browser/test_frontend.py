@@ -49,7 +49,7 @@ def page(server, tmp_path_factory):
     with sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
             str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True,
-            args=CHROMIUM_FLAGS, viewport={"width": 1600, "height": 1000})
+            args=CHROMIUM_FLAGS, viewport={"width": 2400, "height": 1300})
         page = context.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -88,7 +88,9 @@ def test_ui_workflow_loads_without_missing_nodes(page, path):
     assert result["loaded"] == len(workflow["nodes"])
     for node in workflow["nodes"]:  # every widget value landed where the file put it
         assert result["widgets"][str(node["id"])][: len(node["widgets_values"])] == node["widgets_values"], node["type"]
-    page.wait_for_timeout(300)
+    page.mouse.click(2300, 1200)  # focus the canvas, then "." fits the view to all nodes
+    page.keyboard.press(".")
+    page.wait_for_timeout(500)
     page.screenshot(path=str(ARTIFACTS / f"{path.stem}.png"))
 
 
