@@ -55,6 +55,13 @@ def test_fp16_branch_unchanged_by_fp8_copy(comfy_nodes, fixture_files):
     assert len(fp8_layers(q_model)) > 0 and fp8_layers(both.node_outputs("ck")[0]) == {}
     assert same_bits(before, snapshot(both.node_outputs("ck")[0])), "input model's tensors were modified"
     assert "auto: detected sd35_large" in report
+    # byte totals are the tensors': everything the input holds before, FP8 weights + scales after
+    before_bytes = sum(t.numel() * t.element_size() for t in before.values())
+    fp8 = fp8_layers(q_model)
+    fp8_bytes = sum(m.weight.numel() + m.weight_scale.numel() * 4 for m in fp8.values())
+    fp8_source = sum(before[f"{name}.weight"].numel() * before[f"{name}.weight"].element_size() for name in fp8)
+    assert f"bytes: {before_bytes} -> {before_bytes - fp8_source + fp8_bytes}" in report
+    assert f"fp8 layers: {fp8_bytes} bytes" in report and f"{len(fp8)} fp8" in report
 
 
 def test_quantizing_fp8_model_again_is_a_noop(runner, fixture_files):
