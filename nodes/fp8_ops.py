@@ -21,7 +21,7 @@ import torch
 
 from ..quant.formats import dequantize_weight, format_name, is_fp8, quantize_with_scale
 from ..quant.hardware import resolve_compute
-from ..quant.linear import fp8_linear
+from ..quant.linear import fp8_linear, store_weight
 
 
 def make_fp8_ops(compute: str = "auto") -> type:
@@ -115,10 +115,7 @@ def make_fp8_ops(compute: str = "auto") -> type:
                     new = weight.to(self.weight.dtype)
                 if return_weight:
                     return new
-                if inplace_update:
-                    self.weight.data.copy_(new)
-                else:
-                    self.weight = torch.nn.Parameter(new, requires_grad=False)
+                store_weight(self, new, inplace_update)
 
             def extra_repr(self) -> str:
                 kind = f"{self.weight.dtype}, scale {tuple(self.weight_scale.shape)}" if self.is_fp8 else "16-bit"

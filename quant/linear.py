@@ -54,6 +54,14 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     return weight_only_linear(x, weight, scale, bias)
 
 
+def store_weight(module: torch.nn.Module, new: torch.Tensor, inplace_update: bool) -> None:
+    """ModelPatcher's set_weight contract: copy into the existing tensor, or replace the parameter."""
+    if inplace_update:
+        module.weight.data.copy_(new)
+    else:
+        module.weight = torch.nn.Parameter(new, requires_grad=False)
+
+
 class FP8Linear(torch.nn.Module):
     """A Linear whose `weight` is FP8 and `weight_scale` float32 ([out, 1] or []).
 
@@ -105,10 +113,7 @@ class FP8Linear(torch.nn.Module):
         new = quantize_with_scale(weight, self.weight_scale.to(weight.device), self.fp8_format)
         if return_weight:
             return new
-        if inplace_update:
-            self.weight.data.copy_(new)
-        else:
-            self.weight = torch.nn.Parameter(new, requires_grad=False)
+        store_weight(self, new, inplace_update)
         return None
 
     def extra_repr(self) -> str:

@@ -125,6 +125,32 @@ def _check_text_encoders(text_encoders: str | None) -> tuple[str, ...]:
     return TEXT_ENCODER_CHOICES[text_encoders]
 
 
+def _quantize_all(keys: list[str], shapes: Mapping[str, tuple[int, ...]], take: Callable[[str], torch.Tensor],
+                  peek: Callable[[str], torch.Tensor], config: QuantConfig, model_prefix: str,
+                  text_encoders: str | None, progress: Progress | None,
+                  hint: str) -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
+    """Both entry points: `take` yields each tensor once (read or popped), `peek` fetches a scale by key."""
+    if model_prefix and not any(k.startswith(model_prefix) for k in shapes):
+        model_prefix = ""
+    policy = resolve_policy(config, _diffusion_shapes(shapes, model_prefix), hint)
+    legacy = any(k.endswith(LEGACY_MARKER) for k in shapes)
+    quantizer = _Quantizer(config, policy, model_prefix, _check_text_encoders(text_encoders), legacy)
+
+    def scale_for(layer: str) -> torch.Tensor | None:
+        for suffix in (".weight_scale", ".scale_weight"):
+            if layer + suffix in shapes:
+                return peek(layer + suffix)
+        return None
+
+    out: dict[str, torch.Tensor] = {}
+    for index, key in enumerate(keys):
+        for out_key, tensor in quantizer.step(key, take(key), scale_for):
+            out[out_key] = tensor
+        if progress is not None:
+            progress(index + 1, len(keys))
+    return out, quantizer.layer_formats, quantizer.finish()
+
+
 def quantize_safetensors_stream(path: str | os.PathLike, config: QuantConfig, *, model_prefix: str = "",
                                 text_encoders: str | None = None, progress: Progress | None = None,
                                 hint: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
@@ -133,29 +159,11 @@ def quantize_safetensors_stream(path: str | os.PathLike, config: QuantConfig, *,
     header = check_safetensors(path)
     metadata = header.get("__metadata__", {}) or {}
     shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
-    if model_prefix and not any(k.startswith(model_prefix) for k in shapes):
-        model_prefix = ""
     hint = f"{hint} {os.path.basename(str(path))} {metadata.get('modelspec.title', '')} " \
            f"{metadata.get('modelspec.architecture', '')}"
-    policy = resolve_policy(config, _diffusion_shapes(shapes, model_prefix), hint)
-    legacy = any(k.endswith(LEGACY_MARKER) for k in shapes)
-    quantizer = _Quantizer(config, policy, model_prefix, _check_text_encoders(text_encoders), legacy)
-    out: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
-
-        def scale_for(layer: str) -> torch.Tensor | None:
-            for suffix in (".weight_scale", ".scale_weight"):
-                if layer + suffix in shapes:
-                    return f.get_tensor(layer + suffix)
-            return None
-
-        for index, key in enumerate(keys):
-            for out_key, tensor in quantizer.step(key, f.get_tensor(key), scale_for):
-                out[out_key] = tensor
-            if progress is not None:
-                progress(index + 1, len(keys))
-    return out, quantizer.layer_formats, quantizer.finish()
+        return _quantize_all(list(f.keys()), shapes, f.get_tensor, f.get_tensor, config, model_prefix,
+                             text_encoders, progress, hint)
 
 
 def quantize_state_dict(sd: dict[str, torch.Tensor], config: QuantConfig, *, model_prefix: str = "",
@@ -163,21 +171,6 @@ def quantize_state_dict(sd: dict[str, torch.Tensor], config: QuantConfig, *, mod
                         hint: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
     """The in-memory twin of `quantize_safetensors_stream`. Consumes `sd` (pops each tensor once done)."""
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    if model_prefix and not any(k.startswith(model_prefix) for k in shapes):
-        model_prefix = ""
-    policy = resolve_policy(config, _diffusion_shapes(shapes, model_prefix), hint)
-    legacy = any(k.endswith(LEGACY_MARKER) for k in shapes)
-    quantizer = _Quantizer(config, policy, model_prefix, _check_text_encoders(text_encoders), legacy)
-    extras = {k: sd[k] for k in shapes if k.endswith((".weight_scale", ".scale_weight"))}
-
-    def scale_for(layer: str) -> torch.Tensor | None:
-        return extras.get(layer + ".weight_scale", extras.get(layer + ".scale_weight"))
-
-    out: dict[str, torch.Tensor] = {}
-    keys = list(sd)
-    for index, key in enumerate(keys):
-        for out_key, tensor in quantizer.step(key, sd.pop(key), scale_for):
-            out[out_key] = tensor
-        if progress is not None:
-            progress(index + 1, len(keys))
-    return out, quantizer.layer_formats, quantizer.finish()
+    scales = {k: v for k, v in sd.items() if k.endswith((".weight_scale", ".scale_weight"))}
+    return _quantize_all(list(sd), shapes, sd.pop, scales.__getitem__, config, model_prefix, text_encoders,
+                         progress, hint)
