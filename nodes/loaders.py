@@ -59,6 +59,17 @@ def _metadata(path: str) -> dict[str, str]:
     return metadata
 
 
+def _model_path(folder: str, name: str, input_name: str) -> str:
+    """The full path of a listed model file, resolved only through folder_paths (which keeps it inside the
+    model folders), and checked to be a readable .safetensors file: pickles are refused unread."""
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise FileNotFoundError(f"{input_name}: {name} is not in models/{folder} any more (deleted, moved, or a "
+                                "broken link); put the .safetensors file back or pick another, then refresh")
+    refuse_pickle(path, input_name)
+    return path
+
+
 def _config(fp8_format, scaling, protect_preset, compute, protect_patterns) -> QuantConfig:
     check_compute_supported(compute)
     return QuantConfig(fp8_format=fp8_format, scaling=scaling, protect_preset=protect_preset,
@@ -90,8 +101,7 @@ class SD35FP8CheckpointLoader:
         }
 
     def load(self, ckpt_name, fp8_format, scaling, protect_preset, compute, text_encoder_fp8, protect_patterns=""):
-        path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
-        refuse_pickle(path)
+        path = _model_path("checkpoints", ckpt_name, "ckpt_name")
         embeddings = folder_paths.get_folder_paths("embeddings")
         if fp8_format == "disabled":
             model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path, embedding_directory=embeddings)
@@ -152,7 +162,7 @@ def read_diffusers_transformer(folder: Path) -> dict:
     sd = {}
     for name in files:
         path = folder / name
-        refuse_pickle(str(path))
+        refuse_pickle(str(path), "model_name")
         sd.update(comfy.utils.load_torch_file(str(path)))
     return sd
 
@@ -182,8 +192,7 @@ class SD35FP8DiffusionModelLoader:
     def load(self, model_name, fp8_format, scaling, protect_preset, compute, protect_patterns=""):
         config = _config(fp8_format, scaling, protect_preset, compute, protect_patterns)
         if model_name in folder_paths.get_filename_list("diffusion_models"):
-            path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
-            refuse_pickle(path)
+            path = _model_path("diffusion_models", model_name, "model_name")
             sd, _, report = quantize_safetensors_stream(path, config, model_prefix="", progress=_progress())
             metadata = _metadata(path)
         else:

@@ -76,8 +76,9 @@ class SD35FP8Sampler:
                                                                     "tooltip": "Sampling algorithm."}),
                 "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "sgm_uniform",
                                                                    "tooltip": "Noise schedule."}),
-                "shift": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 100.0, "step": 0.01,
-                                    "tooltip": "Timestep shift (ModelSamplingSD3); SD3.5 is trained for 3.0."}),
+                "shift": ("FLOAT", {"default": 3.0, "min": 0.01, "max": 100.0, "step": 0.01,
+                                    "tooltip": "Timestep shift (ModelSamplingSD3); SD3.5 is trained for 3.0. "
+                                               "Above 0 (0 collapses every sigma to 0: an all-NaN image)."}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                       "tooltip": "1.0 for txt2img; lower keeps more of the input latent."}),
             },
@@ -113,7 +114,11 @@ class SD35FP8Sampler:
         notes = []
         depth = len(getattr(model.model.diffusion_model, "joint_blocks", []))
         if layers and depth and max(layers) >= depth:
-            notes.append(f"skip layers {[i for i in layers if i >= depth]} do not exist in this {depth}-block model")
+            missing = [i for i in layers if i >= depth]
+            if preset == "custom":
+                raise ValueError(f"skip_layers: block(s) {missing} do not exist in this {depth}-block model; use "
+                                 f"numbers from 0 to {depth - 1} (SD3.5 Medium: 7,8,9) or leave it empty")
+            notes.append(f"skip layers {missing} do not exist in this {depth}-block model")
 
         patched = ModelSamplingSD3().patch(model, settings["shift"])[0]
         if layers:

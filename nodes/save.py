@@ -80,6 +80,11 @@ class SD35FP8SaveModel:
         if layout not in ("auto", "stock_compatible"):
             raise ValueError(f"layout: {layout!r} is not one of ['auto', 'stock_compatible']")
         output_dir = folder_paths.get_output_directory()
+        inside = os.path.abspath(output_dir)
+        target = os.path.abspath(os.path.join(inside, os.path.normpath(filename_prefix)))
+        if not filename_prefix.strip() or os.path.commonpath((inside, target)) != inside or target == inside:
+            raise ValueError(f"filename_prefix: {filename_prefix!r} is not a file name inside the output folder; "
+                             "use a relative path such as diffusion_models/sd35_fp8 (no '..', not absolute)")
         folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
         sd, layer_formats, notes = fp8_state_dict(model, layout)
         if not layer_formats:

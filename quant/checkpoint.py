@@ -26,6 +26,10 @@ QUANT_METADATA_KEY = "_quantization_metadata"
 LEGACY_MARKER = "scaled_fp8"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _MAX_HEADER = 100 * 1024 * 1024
+# Bytes per element of each safetensors dtype (None: packed sub-byte formats, size not checked).
+SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                        "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+                        "F4": None, "F6_E2M3": None, "F6_E3M2": None}
 
 
 class UnsafeFileError(ValueError):
@@ -53,28 +57,70 @@ def check_safetensors(path: str | os.PathLike, input_name: str = "file") -> dict
         head = f.read(8)
         if len(head) < 8:
             raise ValueError(f"{input_name}: {name} is empty or truncated ({size} bytes); re-download it")
-        if head[:1] == b"\x80" or head[:2] == b"PK":
+        (length,) = struct.unpack("<Q", head)
+        # A header length can start with the pickle/zip magic bytes (e.g. 128 = b"\x80\0..."): only a file
+        # that is not plausibly safetensors is called a pickle.
+        plausible = length <= min(_MAX_HEADER, size - 8) and f.read(1) == b"{"
+        if not plausible and (head[:1] == b"\x80" or head[:2] == b"PK"):
             raise UnsafeFileError(f"{input_name}: {name} is a pickle/zip (torch.save) file, not safetensors; this "
                                   "pack never unpickles model files. Use a .safetensors version of the model.")
-        (length,) = struct.unpack("<Q", head)
+        f.seek(8)
         if length > min(_MAX_HEADER, size - 8):
             raise ValueError(f"{input_name}: {name} is not a valid safetensors file (header length {length} for a "
                              f"{size}-byte file): it is truncated or corrupt; re-download it")
         try:
             header = json.loads(f.read(length))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ValueError(f"{input_name}: {name} has a corrupt safetensors header; re-download it") from None
     if not isinstance(header, dict):
         raise ValueError(f"{input_name}: {name} has a corrupt safetensors header; re-download it")
     data_size = size - 8 - length
     for key, entry in header.items():
         if key == "__metadata__":
+            if entry is not None and not (isinstance(entry, dict) and
+                                          all(isinstance(v, str) for v in entry.values())):
+                raise ValueError(f"{input_name}: {name} has a corrupt safetensors header (__metadata__ is not a "
+                                 "table of strings); re-download it")
             continue
-        end = entry.get("data_offsets", [0, 0])[1] if isinstance(entry, dict) else None
-        if end is None or end > data_size:
-            raise ValueError(f"{input_name}: {name} is truncated (tensor {key} ends past the end of the file); "
+        problem = _entry_problem(entry, data_size)
+        if problem:
+            raise ValueError(f"{input_name}: {name} is truncated or corrupt (tensor {key}: {problem}); "
                              "re-download it")
+    # what safetensors itself requires: the tensors tile the data section exactly, in order
+    end = 0
+    for key, entry in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                             key=lambda item: tuple(item[1]["data_offsets"])):
+        if entry["data_offsets"][0] != end:
+            raise ValueError(f"{input_name}: {name} is corrupt (tensor {key} does not start where the previous "
+                             "one ends); re-download it")
+        end = entry["data_offsets"][1]
+    if end != data_size:
+        raise ValueError(f"{input_name}: {name} is corrupt ({data_size - end} byte(s) after the last tensor); "
+                         "re-download it")
     return header
+
+
+def _entry_problem(entry: object, data_size: int) -> str | None:
+    """Why one header entry cannot be read (None if it can): dtype, shape and byte range must agree."""
+    if not isinstance(entry, dict):
+        return "its entry is not a table"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_ITEMSIZE:
+        return f"unknown dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return f"invalid shape {shape!r}"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        return f"invalid data_offsets {offsets!r}"
+    if offsets[1] > data_size:
+        return "it ends past the end of the file"
+    itemsize = SAFETENSORS_ITEMSIZE[dtype]
+    numel = 1
+    for d in shape:
+        numel *= d
+    if itemsize is not None and offsets[1] - offsets[0] != numel * itemsize:
+        return f"{offsets[1] - offsets[0]} bytes for shape {shape} of {dtype}"
+    return None
 
 
 def quantization_metadata(layer_formats: dict[str, str], model_prefix: str = "") -> str:
@@ -116,7 +162,11 @@ def save_quantized(path: str | os.PathLike, sd: dict[str, torch.Tensor], layer_f
         if overwrite:
             os.replace(tmp, path)
         else:
-            os.link(tmp, path)  # fails if the name was taken meanwhile: never overwrites
+            try:
+                os.link(tmp, path)  # fails if the name was taken meanwhile: never overwrites
+            except FileExistsError:
+                raise FileExistsError(f"output: {path.name} appeared while saving (another save?); nothing was "
+                                      "overwritten: run it again to save under the next free name") from None
             os.unlink(tmp)
     except BaseException:
         if os.path.exists(tmp):
