@@ -51,5 +51,12 @@ serve: host
 	cd $(CACHE)/comfyui-0.3.75 && $(abspath $(PY)) main.py --cpu --listen 127.0.0.1 --port 8188 \
 	  --base-directory $(abspath demo-output)
 
+# Benchmarks (bench/README.md): tables on stdout, every figure in bench/results/latest.json
+bench-quick: host
+	$(PY) -m bench.run --quick
+
+bench: host
+	$(PY) -m bench.run
+
 clean:
 	rm -rf $(CACHE) test-artifacts demo-output

@@ -22,6 +22,7 @@ from ..quant.config import QuantConfig
 from ..quant.streaming import quantize_safetensors_stream, quantize_state_dict
 from .common import CATEGORY, FP8_FORMAT_OR_DISABLED, PROTECT_PATTERNS, quant_inputs, record_info
 from .fp8_ops import check_compute_supported, make_fp8_ops
+from .fp8_tables import fp8_tables_in_place
 
 TEXT_ENCODER_FP8 = (["t5xxl_only", "none", "all"], {
     "default": "t5xxl_only",
@@ -111,9 +112,10 @@ class SD35FP8CheckpointLoader:
             sd, _, report = quantize_safetensors_stream(path, config, model_prefix="model.diffusion_model.",
                                                         text_encoders=text_encoder_fp8, progress=_progress())
             ops = make_fp8_ops(compute)
-            model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
-                sd, embedding_directory=embeddings, model_options={"custom_operations": ops},
-                te_model_options={"custom_operations": ops}, metadata=_metadata(path))
+            with fp8_tables_in_place(sd, "model.diffusion_model."):
+                model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
+                    sd, embedding_directory=embeddings, model_options={"custom_operations": ops},
+                    te_model_options={"custom_operations": ops}, metadata=_metadata(path))
             if model is None:
                 raise ValueError(f"ckpt_name: {ckpt_name} is not a diffusion model checkpoint ComfyUI recognises")
             record_info(model, ckpt_name, report.rule, fp8_format, scaling)
@@ -203,8 +205,9 @@ class SD35FP8DiffusionModelLoader:
             del raw
             sd, _, report = quantize_state_dict(converted, config, model_prefix="", progress=_progress())
             metadata = {}
-        model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": make_fp8_ops(compute)},
-                                                         metadata=metadata)
+        with fp8_tables_in_place(sd, ""):
+            model = comfy.sd.load_diffusion_model_state_dict(sd, metadata=metadata,
+                                                             model_options={"custom_operations": make_fp8_ops(compute)})
         if model is None:
             raise ValueError(f"model_name: {model_name} is not a diffusion model ComfyUI recognises")
         record_info(model, model_name, report.rule, fp8_format, scaling)

@@ -15,7 +15,8 @@ import comfy.model_management
 import comfy.utils
 import torch
 
-from ..quant.formats import is_fp8, quantize_weight, relative_error
+from ..quant.formats import is_fp8, quantize_weight_with_error
+from ..quant.quantize import quantize_table
 from ..quant.report import LayerReport, Report
 from .fp8_ops import fp8_linear_from, make_fp8_ops
 
@@ -49,12 +50,14 @@ def quantize_modules(
     scaling: str,
     compute: str,
     report: Report,
+    unit_scale: frozenset[str] = frozenset(),
 ) -> object:
     """Clone `patcher` and attach an FP8 copy of each selected Linear under `root_attr`.
 
     `root_attr` is the attribute path of the module tree inside patcher.model
     ("diffusion_model" for MODEL, "" for a CLIP's cond_stage_model). Layers already in
-    FP8 are left as they are and reported. Honours ComfyUI's interrupt between layers.
+    FP8 are left as they are and reported. `unit_scale` names root tensors (pos_embed) stored in FP8 with
+    scale 1.0, also as object patches. Honours ComfyUI's interrupt between layers.
     """
     clone = patcher.clone()
     # The clone runs different modules for the same weight keys: a new uuid makes ComfyUI re-apply weight
@@ -78,16 +81,20 @@ def quantize_modules(
                                    _nbytes(weight) + _nbytes(scale), _nbytes(weight) + _nbytes(scale), None, "kept"))
             report.warnings.append(f"{name}: already {weight.dtype}, left as it is")
         elif weight.dim() == 2 and should_quantize(name, shape):
-            qweight, scale = quantize_weight(weight, fp8_format, scaling, name=name)
+            qweight, scale, err = quantize_weight_with_error(weight, fp8_format, scaling, name=name)
             layer = fp8_linear_from(ops, qweight, scale, module.bias, bias_dtype=weight.dtype)
             clone.add_object_patch(f"{prefix}{name}", layer)
-            err = relative_error(weight, qweight.to(torch.float32) * scale)
             report.add(LayerReport(name, shape, str(weight.dtype), str(qweight.dtype), _nbytes(weight),
                                    _nbytes(qweight) + _nbytes(scale), err, "fp8"))
         else:
             report.add(LayerReport(name, shape, str(weight.dtype), str(weight.dtype), _nbytes(weight),
                                    _nbytes(weight), None, "protected"))
         progress.update_absolute(index + 1)
+    for name in sorted(unit_scale):
+        tensor = patcher.get_model_object(f"{prefix}{name}")
+        if isinstance(tensor, torch.Tensor):
+            handled.add(id(tensor))
+            _unit_scale_table(clone, f"{prefix}{name}", name, tensor, fp8_format, report)
     for name, tensor in list(root.named_parameters()) + list(root.named_buffers()):
         if id(tensor) not in handled and not name.endswith(".weight_scale"):
             report.add(LayerReport(name, tuple(tensor.shape), str(tensor.dtype), str(tensor.dtype),
@@ -95,3 +102,14 @@ def quantize_modules(
     if report.n_fp8 == 0 and not any("already" in w for w in report.warnings):
         report.warnings.append("no layer was quantized: check protect_preset / protect_patterns")
     return clone
+
+
+
+def _unit_scale_table(clone, key: str, name: str, tensor: torch.Tensor, fp8_format: str, report: Report) -> None:
+    """Attach an FP8 (scale 1.0) copy of a root table such as pos_embed to `clone`, where quantize_table says so."""
+    table, row, warning = quantize_table(name, tensor, fp8_format)
+    report.add(row)
+    if warning:
+        report.warnings.append(warning)
+    if table is not tensor:
+        clone.add_object_patch(key, table)

@@ -94,30 +94,67 @@ def _chunk_rows(weight: torch.Tensor) -> int:
     return max(1, budget // max(1, weight[0].numel()))
 
 
+class _ErrorSums:
+    """||w||^2 and ||dequantize(q) - w||^2, summed chunk by chunk while the chunk is in cache.
+
+    float32 norms per chunk (rows weighted by their scale), accumulated in Python floats: the report's
+    relative error without a second pass over the weight (which cost 5x the quantization itself).
+    """
+
+    def __init__(self) -> None:
+        self.ref = 0.0
+        self.diff = 0.0
+
+    def add(self, scaled: torch.Tensor, quantized: torch.Tensor, scale: torch.Tensor, work: torch.Tensor) -> None:
+        """`scaled` = w / scale (float32, within the format's range, so its norms cannot overflow), `quantized`
+        its FP8 copy, `work` a float32 scratch like `scaled`. Scales are applied to the norms in float64."""
+        work.copy_(quantized)
+        work.sub_(scaled)
+        dims = tuple(range(1, scaled.dim()))
+        if scale.numel() > 1 and dims:  # one scale per row
+            s = scale.reshape(-1).double()
+            self.ref += float(((torch.linalg.vector_norm(scaled, dim=dims).double() * s) ** 2).sum())
+            self.diff += float(((torch.linalg.vector_norm(work, dim=dims).double() * s) ** 2).sum())
+        else:
+            s = float(scale)
+            self.ref += (float(torch.linalg.vector_norm(scaled)) * s) ** 2
+            self.diff += (float(torch.linalg.vector_norm(work)) * s) ** 2
+
+    @property
+    def relative(self) -> float:
+        return (self.diff / self.ref) ** 0.5 if self.ref > 0 else self.diff**0.5
+
+
 def _scale_into(out: torch.Tensor, buf: torch.Tensor, chunk: torch.Tensor, scale: torch.Tensor,
-                limit: float | None) -> None:
+                limit: float | None, errors: _ErrorSums | None = None, work: torch.Tensor | None = None) -> None:
     """out = fp8(chunk / scale) through the float32 buffer `buf` (same shape as chunk); clamp if `limit`."""
     buf.copy_(chunk)
     buf.div_(scale)
     if limit is not None:
         buf.clamp_(-limit, limit)
     out.copy_(buf)
+    if errors is not None:
+        errors.add(buf, out, scale, work)
 
 
 def _quantize_chunks(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, limit: float | None,
-                     rows_scale: bool) -> torch.Tensor:
+                     rows_scale: bool, errors: _ErrorSums | None = None) -> torch.Tensor:
     out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     if weight.numel() == 0:
         return out
     if weight.dim() == 0:
-        _scale_into(out, torch.empty((), device=weight.device), weight, scale, limit)
+        buf = torch.empty((), device=weight.device)
+        _scale_into(out, buf, weight, scale, limit, errors, torch.empty_like(buf))
         return out
     step = _chunk_rows(weight)
     buf = torch.empty((min(step, weight.shape[0]), *weight.shape[1:]), device=weight.device)
+    work = torch.empty_like(buf) if errors is not None else None
     for start in range(0, weight.shape[0], step):
         chunk = weight[start:start + step]
         row_scale = scale[start:start + step] if rows_scale else scale
-        _scale_into(out[start:start + step], buf[: chunk.shape[0]], chunk, row_scale, limit)
+        rows = chunk.shape[0]
+        _scale_into(out[start:start + step], buf[:rows], chunk, row_scale, limit, errors,
+                    None if work is None else work[:rows])
     return out
 
 
@@ -132,7 +169,8 @@ def quantize_with_scale(weight: torch.Tensor, scale: torch.Tensor, fmt: str = "f
     return _quantize_chunks(weight, scale, dtype, fp8_max(dtype), rows_scale)
 
 
-def _quantize_per_channel(weight: torch.Tensor, dtype: torch.dtype, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_per_channel(weight: torch.Tensor, dtype: torch.dtype, name: str,
+                          errors: _ErrorSums | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused per-row absmax, scale and cast, one cache-sized chunk of rows at a time.
 
     No clamp is needed: dividing by fl(absmax / max) puts every value within a few float32 ulps of
@@ -143,6 +181,7 @@ def _quantize_per_channel(weight: torch.Tensor, dtype: torch.dtype, name: str) -
     scale = torch.empty((weight.shape[0], 1), dtype=torch.float32, device=weight.device)
     step = _chunk_rows(weight)
     buf = torch.empty((min(step, weight.shape[0]), weight.shape[1]), device=weight.device)
+    work = torch.empty_like(buf) if errors is not None else None
     for start in range(0, weight.shape[0], step):
         chunk = weight[start:start + step]
         absmax = _absmax(chunk, 1)
@@ -150,7 +189,9 @@ def _quantize_per_channel(weight: torch.Tensor, dtype: torch.dtype, name: str) -
             _check_finite(weight, name)
         row_scale = scale[start:start + step]
         row_scale.copy_(_scale_from_absmax(absmax, limit))
-        _scale_into(out[start:start + step], buf[: chunk.shape[0]], chunk, row_scale, None)
+        rows = chunk.shape[0]
+        _scale_into(out[start:start + step], buf[:rows], chunk, row_scale, None, errors,
+                    None if work is None else work[:rows])
     return out, scale
 
 
@@ -164,6 +205,20 @@ def quantize_weight(
 
     `name` only labels errors: a weight with NaN/Inf is refused, naming the layer.
     """
+    return _quantize(weight, fmt, scaling, name, None)
+
+
+def quantize_weight_with_error(weight: torch.Tensor, fmt: str = "float8_e4m3fn", scaling: str = "per_channel",
+                               name: str = "weight") -> tuple[torch.Tensor, torch.Tensor, float]:
+    """`quantize_weight` plus the relative error ||dequantize(q, scale) - w|| / ||w|| for the report,
+    summed in the same pass (float32 sums: agrees with `relative_error` to ~1e-5 relative)."""
+    errors = _ErrorSums()
+    qweight, scale = _quantize(weight, fmt, scaling, name, errors)
+    return qweight, scale, errors.relative
+
+
+def _quantize(weight: torch.Tensor, fmt: str, scaling: str, name: str,
+              errors: _ErrorSums | None) -> tuple[torch.Tensor, torch.Tensor]:
     dtype = fp8_dtype(fmt)
     if is_fp8(weight):
         raise ValueError(f"{name}: weight is already {weight.dtype}; dequantize it before quantizing again")
@@ -175,11 +230,13 @@ def quantize_weight(
         shape = (weight.shape[0], 1) if scaling == "per_channel" and weight.dim() == 2 else ()
         return torch.empty(weight.shape, dtype=dtype, device=weight.device), torch.ones(shape, device=weight.device)
     if scaling == "per_channel" and weight.dim() == 2:
-        return _quantize_per_channel(weight, dtype, name)
+        return _quantize_per_channel(weight, dtype, name, errors)
     if not bool(torch.isfinite(_absmax(weight)).all()):
         _check_finite(weight, name)
     scale = compute_scale(weight, fmt, scaling)
-    return _quantize_chunks(weight, scale, dtype, None, scaling == "per_channel"), scale
+    rows = weight.reshape(-1, weight.shape[-1]) if weight.dim() > 2 else weight  # chunks of rows, not of dim 0
+    qweight = _quantize_chunks(rows, scale, dtype, None, scaling == "per_channel", errors)
+    return qweight.reshape(weight.shape), scale
 
 
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -189,6 +246,42 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.d
     if torch.broadcast_shapes(out.shape, scale.shape) != out.shape:
         return out * scale
     return out.mul_(scale)
+
+
+def quantize_unit_scale(tensor: torch.Tensor, fmt: str = "float8_e4m3fn",
+                        name: str = "tensor") -> tuple[torch.Tensor | None, float | None, str]:
+    """A non-Linear table (SD3's sin-cos `pos_embed`) in FP8 with an implied scale of 1.0.
+
+    Stock ComfyUI reads an FP8 buffer by casting it, with no scale key, so 1.0 is the only scale that loads
+    everywhere. Returns (FP8 tensor, its relative error, "") when that is as good as an absmax scale (within
+    10%; on the sin-cos table it is better: 0.0183 vs 0.0201 in e4m3, as 1.0 keeps 0, +-0.5 and +-1 exact),
+    else (None, error or None, why it stays 16-bit). NaN/Inf are refused, naming `name`.
+    """
+    dtype = fp8_dtype(fmt)
+    if tensor.numel() == 0:
+        return torch.empty(tensor.shape, dtype=dtype, device=tensor.device), 0.0, ""
+    absmax = float(_absmax(tensor))
+    if absmax != absmax or absmax == float("inf"):
+        _check_finite(tensor, name)
+    if absmax > fp8_max(dtype):
+        return None, None, f"{name}: values up to {absmax:.4g} exceed {fmt}'s range; kept 16-bit"
+    fp8 = tensor.to(dtype)
+    error = relative_error(tensor, fp8)
+    scaled_error = _per_tensor_error(tensor, dtype, absmax)
+    if error > 1.1 * scaled_error:
+        return None, error, (f"{name}: FP8 with scale 1.0 would err {error:.4f} ({scaled_error:.4f} with a scale, "
+                             "which stock ComfyUI cannot read for a non-Linear tensor); kept 16-bit")
+    return fp8, error, ""
+
+
+def _per_tensor_error(tensor: torch.Tensor, dtype: torch.dtype, absmax: float) -> float:
+    """The relative error an absmax per-tensor scale would give, chunk by chunk: no FP8 copy of the whole."""
+    scale = _scale_from_absmax(torch.tensor(absmax), fp8_max(dtype))
+    rows = tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() > 1 else tensor.reshape(-1, 1)
+    errors = _ErrorSums()
+    for chunk in rows.split(_chunk_rows(rows)):
+        _quantize_chunks(chunk, scale, dtype, None, False, errors)
+    return errors.relative
 
 
 def plain_cast(weight: torch.Tensor, fmt: str = "float8_e4m3fn") -> torch.Tensor:

@@ -4,8 +4,12 @@ Names are ComfyUI key names relative to the diffusion model, without `.weight`
 (`joint_blocks.12.x_block.mlp.fc1`). Only 2-D `.weight` tensors are candidates.
 
 Preset contents come from the per-module sensitivity table (`make bench`, README
-"Sensitivity"): the embedders, `final_layer` and `pos_embed` carry the largest error per
-byte saved and together are ~1% of Large's weights, so all SD3.5 presets keep them 16-bit.
+"Sensitivity"): the embedders and `final_layer` carry the largest error per byte saved and
+together are ~1% of Large's weights, so all SD3.5 presets keep them 16-bit.
+
+`pos_embed` (not a Linear: a [1, patches, hidden] sin-cos table, 9% of Medium) has the lowest
+error per byte saved of any group, so SD3 models store it in FP8 with a scale of 1.0
+(`quantize_unit_scale`); a user pattern matching `pos_embed` keeps it 16-bit.
 """
 
 from __future__ import annotations
@@ -17,16 +21,17 @@ from dataclasses import dataclass, field
 
 from .config import QuantConfig
 
-# Kept 16-bit in every SD3.5 preset (pos_embed and x_embedder.proj are not Linear: listed so
-# user-facing reports and the sensitivity table name them, they never become FP8 anyway).
+# Kept 16-bit in every SD3.5 preset (x_embedder.proj is a Conv2d: listed so user-facing reports and the
+# sensitivity table name it, it never becomes FP8 anyway).
 SD35_BASE_PROTECTED = (
     "x_embedder.*",
     "t_embedder.*",
     "y_embedder.*",
     "context_embedder",
     "final_layer.*",
-    "pos_embed",
 )
+# Non-Linear tensors of SD3 models stored in FP8 with scale 1.0 unless a user pattern protects them.
+UNIT_SCALE_TENSORS = ("pos_embed",)
 PRESET_PATTERNS: dict[str, tuple[str, ...]] = {
     "sd35_large": SD35_BASE_PROTECTED,
     "sd35_medium": SD35_BASE_PROTECTED,
@@ -124,6 +129,7 @@ class ProtectionPolicy:
     protected: frozenset[str]
     warnings: list[str] = field(default_factory=list)
     variant: Variant = Variant(None)
+    unit_scale: frozenset[str] = frozenset()  # non-Linear tensors to store in FP8 with scale 1.0
 
     def should_quantize(self, name: str, shape: tuple[int, ...]) -> bool:
         return len(shape) == 2 and name.removesuffix(".weight") not in self.protected
@@ -165,14 +171,18 @@ def resolve_policy(config: QuantConfig, shapes: Mapping[str, tuple[int, ...]], h
             warnings.append(f"protect_preset {preset} chosen but the weights look like {variant.name}")
         protected = _apply(PRESET_PATTERNS[preset], names)
         rule = f"preset {preset}" + (f" ({variant.describe()})" if variant.name else "")
+    tables = [n for n in UNIT_SCALE_TENSORS if variant.name is not None and len(shapes.get(n, ())) >= 2]
     for pattern in user:
-        matched = {n for n in names if pattern.match(n)}
+        matched = {n for n in names + tables if pattern.match(n)}
         if not matched:
-            warnings.append(f"protect_patterns line {pattern.line}: {pattern.text!r} matches no Linear layer")
+            warnings.append(f"protect_patterns line {pattern.line}: {pattern.text!r} matches no layer")
         protected |= matched
+    unit_scale = frozenset(n for n in tables if n not in protected)
+    if unit_scale:
+        rule += f"; {', '.join(sorted(unit_scale))} FP8 (scale 1)"
     if user:
         rule += f"; plus {len(user)} user pattern(s)"
-    return ProtectionPolicy(rule, frozenset(protected), warnings, variant)
+    return ProtectionPolicy(rule, frozenset(protected), warnings, variant, unit_scale)
 
 
 def _apply(globs: tuple[str, ...], names: list[str]) -> set[str]:

@@ -1,6 +1,8 @@
 """Quantize a torch module: replace each selected nn.Linear by an FP8Linear (native) or a quanto qfloat8 layer.
 
-The input module is left untouched unless `inplace=True` (a deep copy is quantized).
+Both backends also store the policy's unit-scale tables (an SD3 MMDiT's `pos_embed`) in FP8; the
+model's own forward casts them (ComfyUI's MMDiT does: `cast_to_input`). The input module is left untouched
+unless `inplace=True` (a deep copy is quantized).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import copy
 import torch
 
 from .config import QuantConfig
-from .formats import relative_error
+from .formats import quantize_unit_scale, quantize_weight_with_error
 from .linear import FP8Linear
 from .policy import ProtectionPolicy, resolve_policy
 from .report import LayerReport, Report
@@ -49,15 +51,19 @@ def quantize(module: torch.nn.Module, config: QuantConfig | None = None, policy:
     if config.backend == "quanto":
         from .quanto_backend import quantize_quanto
 
-        return quantize_quanto(module, config, policy, inplace=inplace)
+        target, report = quantize_quanto(module, config, policy, inplace=inplace)
+        quantize_tables(target, policy, config.fp8_format, report)
+        return target, report
     target = module if inplace else copy.deepcopy(module)
     chosen, protected = selected_linears(target, policy)
     report = Report(rule=policy.rule, warnings=list(policy.warnings), fp8_format=config.fp8_format,
                     scaling=config.scaling, backend="native")
     for name in chosen:
         linear = target.get_submodule(name)
-        layer = FP8Linear.from_linear(linear, config.fp8_format, config.scaling, config.compute, name=name)
-        err = relative_error(linear.weight.detach(), layer.dequantized_weight())
+        qweight, scale, err = quantize_weight_with_error(linear.weight.detach(), config.fp8_format, config.scaling,
+                                                         name=name)
+        bias = None if linear.bias is None else linear.bias.detach()
+        layer = FP8Linear(qweight, scale, bias, config.compute)
         report.add(LayerReport(name, tuple(linear.weight.shape), str(linear.weight.dtype), str(layer.weight.dtype),
                                _nbytes(linear.weight), _nbytes(layer.weight) + _nbytes(layer.weight_scale), err, "fp8"))
         _set_child(target, name, layer)
@@ -65,14 +71,46 @@ def quantize(module: torch.nn.Module, config: QuantConfig | None = None, policy:
         weight = target.get_submodule(name).weight
         report.add(LayerReport(name, tuple(weight.shape), str(weight.dtype), str(weight.dtype), _nbytes(weight),
                                _nbytes(weight), None, "protected"))
+    quantize_tables(target, policy, config.fp8_format, report)
     _report_rest(target, report)
     return target, report
 
 
+def quantize_table(name: str, tensor: torch.Tensor, fp8_format: str) -> tuple[torch.Tensor, LayerReport, str]:
+    """A policy's unit-scale table (pos_embed): (the tensor to use, its report row, a warning or "").
+
+    Already-FP8 tables are kept; `quantize_unit_scale` decides whether FP8 with scale 1.0 is good enough."""
+    shape, before, size = tuple(tensor.shape), str(tensor.dtype), _nbytes(tensor)
+    if tensor.dtype.itemsize == 1:
+        return tensor, LayerReport(name, shape, before, before, size, size, None, "kept"), ""
+    fp8, error, why = quantize_unit_scale(tensor.detach(), fp8_format, name=name)
+    if fp8 is None:
+        return tensor, LayerReport(name, shape, before, before, size, size, None, "kept"), why
+    return fp8, LayerReport(name, shape, before, str(fp8.dtype), size, _nbytes(fp8), error, "fp8"), ""
+
+
+def quantize_tables(module: torch.nn.Module, policy: ProtectionPolicy, fp8_format: str, report: Report) -> None:
+    """In place: each root tensor of the policy's unit-scale tables (pos_embed; a buffer or a parameter) becomes
+    its FP8 copy with scale 1.0, where `quantize_table` says so; the report gets a row (and any warning)."""
+    for name in sorted(policy.unit_scale):
+        tensor = getattr(module, name, None)
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        table, row, warning = quantize_table(name, tensor, fp8_format)
+        report.add(row)
+        if warning:
+            report.warnings.append(warning)
+        if table is tensor:
+            continue
+        if name in module._parameters:
+            setattr(module, name, torch.nn.Parameter(table, requires_grad=False))
+        else:
+            setattr(module, name, table)
+
+
 def _report_rest(module: torch.nn.Module, report: Report) -> None:
     """Every tensor not in a reported layer (norms, biases, pos_embed, convs) as `kept`, so totals are the model's."""
-    covered = {f"{layer.name}.weight" for layer in report.layers} | {f"{layer.name}.weight_scale"
-                                                                    for layer in report.layers}
+    covered = {f"{layer.name}{suffix}" for layer in report.layers for suffix in ("", ".weight", ".weight_scale")}
     for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
         if name not in covered and not name.endswith("_scale") and "._" not in name:
             report.add(LayerReport(name, tuple(tensor.shape), str(tensor.dtype), str(tensor.dtype), _nbytes(tensor),

@@ -1,7 +1,9 @@
-"""Quantize while reading: tensor by tensor from a memory-mapped safetensors file.
+"""Quantize while reading: tensor by tensor from a safetensors file.
 
-The 16-bit model is never held whole: each tensor is read, quantized if the policy says
-so, and only the FP8 result is kept, so peak host memory stays near the FP8 model's size.
+The 16-bit model is never held whole: each tensor is read into its own buffer (plain reads,
+not a memory map: mapped file pages would count in the process's resident memory for as long
+as the map lives), quantized if the policy says so, and only the FP8 result is kept, so peak
+host memory stays near the FP8 model's size.
 `quantize_state_dict` runs the same per-tensor step over an in-memory dict (popping as it
 goes), so both give bit-identical results.
 """
@@ -9,15 +11,16 @@ goes), so both give bit-identical results.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
-from safetensors import safe_open
 
 from .checkpoint import LEGACY_MARKER, check_safetensors
 from .config import QuantConfig
-from .formats import format_name, is_fp8, quantize_weight, relative_error
+from .formats import format_name, is_fp8, quantize_weight_with_error
 from .policy import ProtectionPolicy, resolve_policy
+from .quantize import quantize_table
 from .report import LayerReport, Report
 
 Progress = Callable[[int, int], None]
@@ -72,6 +75,9 @@ class _Quantizer:
         if key.endswith((".scale_weight", ".weight_scale", ".input_scale", ".scale_input")) or \
                 key.endswith(LEGACY_MARKER):
             return  # emitted together with their weight (or dropped: we scale activations dynamically)
+        if rel in self.policy.unit_scale:
+            yield key, self._unit_scale(rel, tensor)
+            return
         if is_fp8(tensor):
             scale = scale_for(key[: -len(".weight")]) if key.endswith(".weight") else None
             if scale is None and self.legacy:
@@ -90,8 +96,8 @@ class _Quantizer:
             yield key[: -len(".weight")] + ".weight_scale", scale.float()
             return
         if quantize:
-            qweight, scale = quantize_weight(tensor, self.config.fp8_format, self.config.scaling, name=name)
-            err = relative_error(tensor, qweight.float() * scale)
+            qweight, scale, err = quantize_weight_with_error(tensor, self.config.fp8_format, self.config.scaling,
+                                                             name=name)
             self.report.add(LayerReport(name, tuple(tensor.shape), str(tensor.dtype), str(qweight.dtype),
                                         _nbytes(tensor), _nbytes(qweight) + _nbytes(scale), err, "fp8"))
             if rel is not None:
@@ -100,10 +106,19 @@ class _Quantizer:
             yield key[: -len(".weight")] + ".weight_scale", scale
             return
         if rel is not None:
-            action = "protected" if rel.endswith(".weight") and tensor.dim() == 2 else "kept"
+            action = "protected" if (rel.endswith(".weight") and tensor.dim() == 2) or rel in self.policy.protected \
+                else "kept"
             self.report.add(LayerReport(name if action == "protected" else rel, tuple(tensor.shape), str(tensor.dtype),
                                         str(tensor.dtype), _nbytes(tensor), _nbytes(tensor), None, action))
         yield key, tensor
+
+    def _unit_scale(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A non-Linear table (pos_embed) in FP8 with scale 1.0 where that is as good as scaled (see quantize_table)."""
+        table, row, warning = quantize_table(name, tensor, self.config.fp8_format)
+        self.report.add(row)
+        if warning:
+            self.report.warnings.append(warning)
+        return table
 
     def finish(self) -> Report:
         if self.already_fp8:
@@ -127,9 +142,11 @@ def _check_text_encoders(text_encoders: str | None) -> tuple[str, ...]:
 
 def _quantize_all(keys: list[str], shapes: Mapping[str, tuple[int, ...]], take: Callable[[str], torch.Tensor],
                   peek: Callable[[str], torch.Tensor], config: QuantConfig, model_prefix: str,
-                  text_encoders: str | None, progress: Progress | None,
-                  hint: str) -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
-    """Both entry points: `take` yields each tensor once (read or popped), `peek` fetches a scale by key."""
+                  text_encoders: str | None, progress: Progress | None, hint: str,
+                  keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
+    """Both entry points: `take` yields each tensor once (read or popped), `peek` fetches a scale by key,
+    `keep` makes an output tensor safe to hold (the reader's scratch buffer is reused for the next key)."""
     if model_prefix and not any(k.startswith(model_prefix) for k in shapes):
         model_prefix = ""
     policy = resolve_policy(config, _diffusion_shapes(shapes, model_prefix), hint)
@@ -145,7 +162,7 @@ def _quantize_all(keys: list[str], shapes: Mapping[str, tuple[int, ...]], take: 
     out: dict[str, torch.Tensor] = {}
     for index, key in enumerate(keys):
         for out_key, tensor in quantizer.step(key, take(key), scale_for):
-            out[out_key] = tensor
+            out[out_key] = keep(tensor)
         if progress is not None:
             progress(index + 1, len(keys))
     return out, quantizer.layer_formats, quantizer.finish()
@@ -161,9 +178,61 @@ def quantize_safetensors_stream(path: str | os.PathLike, config: QuantConfig, *,
     shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
     hint = f"{hint} {os.path.basename(str(path))} {metadata.get('modelspec.title', '')} " \
            f"{metadata.get('modelspec.architecture', '')}"
-    with safe_open(str(path), framework="pt") as f:
-        return _quantize_all(list(f.keys()), shapes, f.get_tensor, f.get_tensor, config, model_prefix,
-                             text_encoders, progress, hint)
+    keys = sorted(shapes, key=lambda k: header[k]["data_offsets"][0])  # file order: sequential reads
+    with open(path, "rb") as f:
+        reader = _TensorReader(f, header, str(path))
+        return _quantize_all(keys, shapes, reader.read_scratch, reader.read, config, model_prefix, text_encoders,
+                             progress, hint, keep=reader.keep)
+
+
+# safetensors dtype names -> torch dtypes (check_safetensors has vetted every entry's dtype, shape and size)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _TensorReader:
+    """Tensors by key from an open safetensors file (little-endian, as safetensors stores them).
+
+    `read_scratch` reads into one buffer reused for every key: the 16-bit weights about to be quantized and
+    dropped. A fresh buffer each would leave the allocator's heap holding freed 16-bit blocks between the
+    FP8 ones that stay, which it cannot give back to the OS: peak memory would grow to 16-bit + FP8.
+    `keep` copies a tensor out of the scratch buffer when it is kept as it is (protected, norms, biases).
+    """
+
+    def __init__(self, f, header: dict, path: str) -> None:
+        self.f = f
+        self.header = header
+        self.name = os.path.basename(path)
+        f.seek(0)
+        self.data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+        sizes = [e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items() if k != "__metadata__"]
+        self.scratch = torch.empty(max(sizes, default=0), dtype=torch.uint8)
+
+    def _read_into(self, buffer: torch.Tensor, key: str) -> torch.Tensor:
+        entry = self.header[key]
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"{self.name}: tensor {key} has dtype {entry['dtype']}, which this pack cannot read")
+        start, end = entry["data_offsets"]
+        buffer = buffer[: end - start]
+        self.f.seek(self.data_start + start)
+        if self.f.readinto(memoryview(buffer.numpy())) != end - start:
+            raise ValueError(f"{self.name} is truncated (tensor {key}); re-download it")
+        return buffer.view(dtype).reshape(entry["shape"])
+
+    def read(self, key: str) -> torch.Tensor:
+        """A tensor in a buffer of its own."""
+        start, end = self.header[key]["data_offsets"]
+        return self._read_into(torch.empty(end - start, dtype=torch.uint8), key)
+
+    def read_scratch(self, key: str) -> torch.Tensor:
+        """A tensor in the shared scratch buffer: valid until the next read_scratch."""
+        return self._read_into(self.scratch, key)
+
+    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        in_scratch = tensor.numel() > 0 and tensor.untyped_storage().data_ptr() == self.scratch.data_ptr()
+        return tensor.clone() if in_scratch else tensor
 
 
 def quantize_state_dict(sd: dict[str, torch.Tensor], config: QuantConfig, *, model_prefix: str = "",

@@ -13,14 +13,16 @@ from pathlib import Path
 _booted: dict = {}
 
 
-def boot(comfy_dir: str | Path, base_dir: str | Path | None = None, extra_args: tuple[str, ...] = ()) -> None:
-    """Make `comfy`, `nodes`, `execution`, ... importable, running on the CPU.
+def boot(comfy_dir: str | Path, base_dir: str | Path | None = None, extra_args: tuple[str, ...] = (),
+         cpu: bool = True) -> None:
+    """Make `comfy`, `nodes`, `execution`, ... importable, running on the CPU (`cpu=False`: on the GPU).
 
     `base_dir` moves models/custom_nodes/input/output/temp/user under it. Booting twice
     with different settings is refused: ComfyUI keeps them in module globals.
     """
     comfy_dir = str(Path(comfy_dir).resolve())
-    args = ["main.py", "--cpu", *(("--base-directory", str(base_dir)) if base_dir else ()), *extra_args]
+    args = ["main.py", *(("--cpu",) if cpu else ()), *(("--base-directory", str(base_dir)) if base_dir else ()),
+            *extra_args]
     if _booted:
         if _booted != {"comfy_dir": comfy_dir, "args": args}:
             raise RuntimeError(f"ComfyUI already booted with {_booted}; cannot re-boot with {args}")

@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"  # 2: pos_embed is the sin-cos table, as in the real checkpoints
 HEAD_DIM = 64  # ComfyUI derives depth (= heads) as hidden // 64
 
 # Tiny variants. hidden = 64 * depth, as ComfyUI's detection assumes.
@@ -106,6 +107,21 @@ def _seed_for(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
+def sincos_pos_embed(shape: tuple[int, ...]) -> torch.Tensor:
+    """SD3's fixed 2-D sin-cos position table, [1, side*side, hidden] float32, values in [-1, 1]: what the
+    official checkpoints ship as `pos_embed` (ComfyUI's mmdit.py notes its own table matches it)."""
+    _, patches, hidden = shape
+    side = math.isqrt(patches)
+    quarter = hidden // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    angles = torch.arange(side, dtype=torch.float64)[:, None] * omega[None, :]
+    axis = torch.cat([angles.sin(), angles.cos()], dim=1).float()  # [side, hidden / 2]
+    table = torch.empty(side, side, hidden)
+    table[:, :, : hidden // 2] = axis[None, :, :]  # the first half encodes the column (w) ...
+    table[:, :, hidden // 2:] = axis[:, None, :]  # ... the second the row (h)
+    return table.reshape(1, patches, hidden)
+
+
 def draw_tensor(key: str, shape: tuple[int, ...], seed: int, gain: float = 1.0) -> torch.Tensor:
     """One tensor, deterministic for (seed, key): norms 1, biases 0, the rest small random."""
     leaf = key.rsplit(".", 1)[-1]
@@ -117,9 +133,11 @@ def draw_tensor(key: str, shape: tuple[int, ...], seed: int, gain: float = 1.0) 
         return torch.full(shape, 4.6052)
     if key.endswith("position_ids"):
         return torch.arange(shape[-1]).expand(shape).clone()
+    if key.endswith("pos_embed") and len(shape) == 3:
+        return sincos_pos_embed(shape)
     gen = torch.Generator().manual_seed(_seed_for(seed, key))
     values = torch.randn(shape, generator=gen)
-    if "embedding" in key or key.endswith("pos_embed"):
+    if "embedding" in key:
         return values * 0.02
     fan_in = 1
     for d in shape[1:]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import FP8, effective_linears, fp8_layers
 from prompts import decode_and_preview, encode, fp8_loader, our_sampler
+from safetensors import safe_open
 
 PROTECTED_IN_SD35 = ("context_embedder", "t_embedder.mlp.0", "t_embedder.mlp.2", "y_embedder.mlp.0",
                      "y_embedder.mlp.2", "final_layer.linear", "final_layer.adaLN_modulation.1")
@@ -18,6 +19,11 @@ def _txt2img_with(loader: dict) -> dict:
     prompt["s"] = our_sampler(["ld", 0])
     prompt.update(decode_and_preview(["s", 0], ["ld", 2], "img"))
     return prompt
+
+
+def _file_tensor(path, key: str) -> torch.Tensor:
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(key)
 
 
 def report_bytes(report: str) -> tuple[int, int]:
@@ -43,9 +49,14 @@ def test_checkpoint_loader_quantizes_blocks_and_protects_embedders(runner, fixtu
     for name in PROTECTED_IN_SD35:
         assert linears[name].weight.dtype not in FP8, f"{name} should stay 16-bit"
     assert f"auto: detected sd35_{variant}" in report
-    # the report's FP8 byte total is what the FP8 layers really hold
-    fp8_bytes = sum(m.weight.numel() + m.weight_scale.numel() * 4 for m in fp8.values())
-    assert f"{len(fp8)} fp8" in report
+    # pos_embed (not a Linear) is FP8 with scale 1.0, loaded as the very tensor the stream produced
+    pos_embed = model.model.diffusion_model.pos_embed
+    assert pos_embed.dtype == torch.float8_e4m3fn
+    stored = _file_tensor(fixture_files[f"{variant}_all_in_one"], "model.diffusion_model.pos_embed")
+    assert torch.equal(pos_embed.float(), stored.to(torch.float8_e4m3fn).float())
+    # the report's FP8 byte total is what the FP8 layers and pos_embed really hold
+    fp8_bytes = sum(m.weight.numel() + m.weight_scale.numel() * 4 for m in fp8.values()) + pos_embed.numel()
+    assert f"{len(fp8) + 1} fp8" in report
     assert fp8_bytes == int(re.search(r"fp8 layers: (\d+) bytes", report).group(1))
     image = runner.node_outputs("dec_img")[0]
     assert torch.isfinite(image).all()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import comfy_host
 import numpy as np
 import torch
-from helpers import fp8_layers, same_bits, snapshot
+from helpers import FP8, fp8_layers, same_bits, snapshot
 from prompts import decode_and_preview, encode, ksampler, quantize_model
 from skimage.metrics import structural_similarity
 
@@ -55,13 +55,18 @@ def test_fp16_branch_unchanged_by_fp8_copy(comfy_nodes, fixture_files):
     assert len(fp8_layers(q_model)) > 0 and fp8_layers(both.node_outputs("ck")[0]) == {}
     assert same_bits(before, snapshot(both.node_outputs("ck")[0])), "input model's tensors were modified"
     assert "auto: detected sd35_large" in report
+    # pos_embed: an FP8 (scale 1.0) object patch on the clone; the input keeps its own 16/32-bit table
+    pos_embed = q_model.object_patches["diffusion_model.pos_embed"]
+    assert pos_embed.dtype == torch.float8_e4m3fn and before["pos_embed"].dtype not in FP8
+    assert torch.equal(pos_embed.float(), before["pos_embed"].to(torch.float8_e4m3fn).float())
     # byte totals are the tensors': everything the input holds before, FP8 weights + scales after
     before_bytes = sum(t.numel() * t.element_size() for t in before.values())
     fp8 = fp8_layers(q_model)
-    fp8_bytes = sum(m.weight.numel() + m.weight_scale.numel() * 4 for m in fp8.values())
+    fp8_bytes = sum(m.weight.numel() + m.weight_scale.numel() * 4 for m in fp8.values()) + pos_embed.numel()
     fp8_source = sum(before[f"{name}.weight"].numel() * before[f"{name}.weight"].element_size() for name in fp8)
+    fp8_source += before["pos_embed"].numel() * before["pos_embed"].element_size()
     assert f"bytes: {before_bytes} -> {before_bytes - fp8_source + fp8_bytes}" in report
-    assert f"fp8 layers: {fp8_bytes} bytes" in report and f"{len(fp8)} fp8" in report
+    assert f"fp8 layers: {fp8_bytes} bytes" in report and f"{len(fp8) + 1} fp8" in report
 
 
 def test_quantizing_fp8_model_again_is_a_noop(runner, fixture_files):
@@ -85,16 +90,19 @@ def test_lora_before_and_after_quantize_stays_close_to_fp16_lora(runner, fixture
     prompt["q_after"] = quantize_model(["lora16", 0])  # LoRA first, then FP8
     prompt["ks_a"] = ksampler(["q_after", 0])
     prompt["q"] = quantize_model(["ck", 0])
+    prompt["ks8"] = ksampler(["q", 0])
     prompt["lora_b"] = _lora(["q", 0], tiny_lora)  # FP8 first, then LoRA
     prompt["ks_b"] = ksampler(["lora_b", 0])
-    for tag, node in (("l16", "ksl16"), ("a", "ks_a"), ("b", "ks_b")):
+    for tag, node in (("l16", "ksl16"), ("8", "ks8"), ("a", "ks_a"), ("b", "ks_b")):
         prompt.update(decode_and_preview([node, 0], ["ck", 2], tag))
     runner.run(prompt)
-    img = {tag: runner.node_outputs(f"dec_{tag}")[0] for tag in ("16", "l16", "a", "b")}
-    plain_vs_lora = float((img["16"] - img["l16"]).abs().mean())
-    assert plain_vs_lora > 1e-3, "the LoRA has no visible effect; the test would prove nothing"
+    img = {tag: runner.node_outputs(f"dec_{tag}")[0] for tag in ("16", "l16", "8", "a", "b")}
+    lora_effect = img["l16"] - img["16"]
+    assert float(lora_effect.abs().mean()) > 1e-3, "the LoRA has no visible effect; the test would prove nothing"
     assert not torch.equal(img["b"], img["l16"]) and not torch.equal(img["a"], img["l16"]), "not quantized"
     for tag in ("a", "b"):
-        assert float((img[tag] - img["l16"]).abs().mean()) < 0.5 * plain_vs_lora, tag
+        # the LoRA does to the FP8 model what it does to the FP16 one (the FP8 error itself is not the LoRA's)
+        fp8_lora_effect = img[tag] - img["8"]
+        assert float((fp8_lora_effect - lora_effect).abs().mean()) < 0.5 * float(lora_effect.abs().mean()), tag
         assert _ssim(img[tag], img["l16"]) > MIN_SSIM, tag
     assert np.isfinite(img["a"].numpy()).all() and np.isfinite(img["b"].numpy()).all()

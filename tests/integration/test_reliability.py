@@ -291,7 +291,7 @@ def test_pattern_matching_nothing_is_a_warning_not_an_error(runner, fixture_file
     default = sorted(fp8_layers(runner.node_outputs("ld")[0]))
     runner.run({"ld": dm_loader(name, protect_patterns="no_such_block.*"), "out": show(["ld", 1])})
     model, report = runner.node_outputs("ld")
-    assert "protect_patterns line 1: 'no_such_block.*' matches no Linear layer" in report
+    assert "protect_patterns line 1: 'no_such_block.*' matches no layer" in report
     assert sorted(fp8_layers(model)) == default
 
 
@@ -474,7 +474,7 @@ def test_fault_mid_quantize_leaves_cached_model_unchanged(runner, fixture_files,
 
     if fault == "error":
         patching = pack_module("nodes.patching")
-        real = patching.quantize_weight
+        real = patching.quantize_weight_with_error
         calls = itertools.count(1)
 
         def failing(weight, *args, **kwargs):
@@ -482,7 +482,7 @@ def test_fault_mid_quantize_leaves_cached_model_unchanged(runner, fixture_files,
                 raise RuntimeError("simulated failure: out of memory")
             return real(weight, *args, **kwargs)
 
-        monkeypatch.setattr(patching, "quantize_weight", failing)
+        monkeypatch.setattr(patching, "quantize_weight_with_error", failing)
     with progress_hook(on_progress):
         text = error_of(runner, _quantize_prompt(ckpt, 1 if fault == "interrupt" else 2))
     monkeypatch.undo()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from tiny_sd35 import sincos_pos_embed
 from torch import nn
 
 
@@ -49,12 +50,13 @@ class MiniMMDiT(nn.Module):
         super().__init__()
         torch.manual_seed(seed)
         self.context_embedder = nn.Linear(dim, dim)
-        self.pos_embed = nn.Parameter(torch.randn(1, 16, dim) * 0.02)
+        self.pos_embed = nn.Parameter(sincos_pos_embed((1, 64, dim)))  # SD3's table, as in real checkpoints
         self.joint_blocks = nn.ModuleList(Joint(dim) for _ in range(depth))
         self.final_layer = FinalLayer(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.context_embedder(x) + self.pos_embed[0, : x.shape[-2]]
+        h = self.context_embedder(x)
+        h = h + self.pos_embed[0, : x.shape[-2]].to(h.dtype)  # cast, as ComfyUI's MMDiT does (FP8 pos_embed)
         for joint in self.joint_blocks:
             for block in (joint.context_block, joint.x_block):
                 q, k, v = block.attn.qkv(h).chunk(3, dim=-1)

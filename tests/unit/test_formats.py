@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_sd35 import sincos_pos_embed
 
 from quant.formats import (
     compute_scale,
     dequantize_weight,
+    fp8_dtype,
     fp8_max,
     plain_cast,
+    quantize_unit_scale,
     quantize_weight,
+    quantize_weight_with_error,
     relative_error,
 )
 
@@ -129,3 +133,36 @@ def test_bad_arguments_name_the_input():
     q, _ = quantize_weight(gaussian(4, 4))
     with pytest.raises(ValueError, match="already"):
         quantize_weight(q)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("scaling", ["per_channel", "per_tensor"])
+def test_error_summed_while_quantizing_matches_the_float64_reference(fmt, scaling):
+    weight = (torch.randn(700, 300, generator=torch.Generator().manual_seed(5)) * 0.03).half()
+    weight[3] *= 40  # an outlier row
+    qweight, scale, error = quantize_weight_with_error(weight, fmt, scaling)
+    q_plain, s_plain = quantize_weight(weight, fmt, scaling)
+    assert torch.equal(qweight.view(torch.uint8), q_plain.view(torch.uint8)) and torch.equal(scale, s_plain)
+    assert error == pytest.approx(relative_error(weight, dequantize_weight(qweight, scale, torch.float64)), rel=1e-4)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_sincos_table_goes_fp8_with_scale_one_and_beats_an_absmax_scale(fmt):
+    table = sincos_pos_embed((1, 24 * 24, 128)).half()
+    fp8, error, why = quantize_unit_scale(table, fmt, name="pos_embed")
+    assert why == "" and fp8.dtype == fp8_dtype(fmt) and fp8.shape == table.shape
+    assert torch.equal(fp8.float(), table.float().to(fp8_dtype(fmt)).float())  # scale 1.0: what stock reads
+    assert error == pytest.approx(relative_error(table, fp8.float()))
+    assert error < quantize_weight_with_error(table, fmt, "per_tensor")[2]
+    assert error < {"float8_e4m3fn": 0.025, "float8_e5m2": 0.05}[fmt]
+
+
+def test_tables_that_need_a_scale_stay_16bit_and_say_why():
+    small = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(0)) * 0.002  # mostly subnormal in e4m3
+    fp8, error, why = quantize_unit_scale(small, "float8_e4m3fn", name="pos_embed")
+    assert fp8 is None and error > 0.05 and why.startswith("pos_embed: FP8 with scale 1.0 would err")
+    huge = torch.full((1, 4, 8), 1000.0)
+    fp8, error, why = quantize_unit_scale(huge, "float8_e4m3fn", name="pos_embed")
+    assert fp8 is None and "exceed float8_e4m3fn's range" in why
+    with pytest.raises(ValueError, match="pos_embed: weight holds 1 NaN/Inf"):
+        quantize_unit_scale(torch.tensor([[[0.5, float("nan")]]]), "float8_e4m3fn", name="pos_embed")

@@ -23,7 +23,8 @@ def test_native_swaps_selected_linears_and_leaves_input_alone():
     fp8 = {n for n, m in q.named_modules() if isinstance(m, FP8Linear)}
     assert "joint_blocks.0.x_block.attn.qkv" in fp8 and "context_embedder" not in fp8
     assert "final_layer.linear" not in fp8
-    assert report.n_fp8 == len(fp8) == 2 * 2 * 5 and report.n_protected == 2
+    assert report.n_fp8 == len(fp8) + 1 == 2 * 2 * 5 + 1 and report.n_protected == 2  # + pos_embed, scale 1
+    assert q.pos_embed.dtype == torch.float8_e4m3fn and model.pos_embed.dtype == torch.float32
     assert report.rule.startswith("auto: detected sd35_large")
     assert report.bytes_after < 0.35 * report.bytes_before  # fp32 in, fp8 out: ~1/4 plus protected layers
     x = torch.randn(2, 8, 64)

@@ -1,0 +1,4 @@
+"""Benchmarks of the FP8 engine against ComfyUI's fp8 cast and optimum-quanto (`make bench`, `make bench-quick`).
+
+Run as `python -m bench.run [--quick]` from the repository root; see bench/README.md.
+"""

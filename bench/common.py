@@ -1,0 +1,104 @@
+"""Shared plumbing: repository paths, the ComfyUI host, machine facts, interleaved timing, memory readings."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache"
+RESULTS = REPO / "bench" / "results"
+THREADS = 2
+GIB = 1024**3
+
+
+def setup_torch() -> None:
+    """Fixed thread count and no autograd: every figure is measured under the same settings."""
+    torch.set_num_threads(THREADS)
+    torch.set_grad_enabled(False)
+
+
+def boot_host(cpu: bool = True) -> Path:
+    """Materialise and boot ComfyUI 0.3.75 in this process (--cpu unless `cpu` is False); returns its folder."""
+    tools = str(REPO / "tools")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    import comfy_host
+
+    comfy_dir = comfy_host.materialise(CACHE)
+    comfy_host.boot(comfy_dir, cpu=cpu)
+    return comfy_dir
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "threads_used": THREADS, "ram_gib": round(mem / GIB, 1),
+        "os": platform.platform(), "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_at_start": os.getloadavg()[0],
+    }
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__}
+    for name in ("optimum.quanto", "safetensors", "diffusers"):
+        try:
+            module = __import__(name, fromlist=["__version__"])
+            out[name] = getattr(module, "__version__", "?")
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per function, running them round-robin so background load hits all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            gc.collect()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rel_err(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """||approx - reference|| / ||reference||, in float64."""
+    ref = reference.double()
+    return float((approx.double() - ref).norm() / ref.norm())
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)

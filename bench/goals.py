@@ -1,0 +1,44 @@
+"""The issue's goals checked against a results dict: figure, target, pass/fail (None if not measured)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+def _get(results: dict, path: str):
+    node = results
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _goal(text: str, value: float | None, target: float, ok: Callable[[float, float], bool]) -> dict:
+    return {"goal": text, "value": value, "target": target, "pass": None if value is None else bool(ok(value, target))}
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def evaluate(results: dict) -> dict[str, dict]:
+    g = lambda path: _get(results, path)  # noqa: E731
+    le = lambda v, t: v <= t  # noqa: E731
+    ge = lambda v, t: v >= t  # noqa: E731
+    return {
+        "memory_large": _goal("ours/FP16 bytes, Large <= 0.51", g("memory.sd35_large.ratio"), 0.51, le),
+        "memory_medium": _goal("ours/FP16 bytes, Medium <= 0.51", g("memory.sd35_medium.ratio"), 0.51, le),
+        "quantize_vs_quanto": _goal("quantize throughput >= 10x quanto",
+                                    _ratio(g("quantize.ours_mparams_s"), g("quantize.quanto_mparams_s")), 10.0, ge),
+        "quantize_vs_cast": _goal("quantize throughput >= 1.0x plain cast",
+                                  _ratio(g("quantize.ours_mparams_s"), g("quantize.cast_mparams_s")), 1.0, ge),
+        "load_peak_rss": _goal("streaming load peak RSS <= 0.6x FP16 file", g("load.peak_rss_over_fp16_file"), 0.6, le),
+        "load_fp8_time": _goal("FP8 file load time <= 0.6x FP16 file", g("load.fp8_over_fp16_time"), 0.6, le),
+        "step_time": _goal("FP8 weight-only CPU step <= 1.10x fp32", g("step.fp8_weight_only_over_fp32"), 1.10, le),
+        "fidelity_vs_cast": _goal("our rel. error <= 0.5x ComfyUI cast",
+                                  _ratio(g("fidelity.ours_rel_err"), g("fidelity.comfy_cast_rel_err")), 0.5, le),
+        "fidelity_vs_quanto": _goal("our rel. error <= quanto's",
+                                    _ratio(g("fidelity.ours_rel_err"), g("fidelity.quanto_rel_err")), 1.0, le),
+        "latent_ssim": _goal("latent SSIM after 20 steps >= 0.97", g("fidelity.latent_ssim"), 0.97, ge),
+    }

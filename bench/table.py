@@ -1,0 +1,136 @@
+"""Render a results dict as Markdown tables: `python -m bench.table [bench/results/latest.json]`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .common import GIB, RESULTS
+
+
+def _t(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _gb(n) -> str:
+    return "-" if n is None else f"{n / GIB:.2f} GiB"
+
+
+def _f(x, fmt: str = ".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def memory(m: dict) -> list[str]:
+    rows = []
+    for variant, r in m.items():
+        b = r["bytes"]
+        rows.append([f"{variant} (depth {r['depth']})", f"{r['params'] / 1e9:.2f} B", _gb(b["fp16"]), _gb(b["ours"]),
+                     _gb(b["comfy_cast"]), _gb(b["quanto"]), _f(r["ratio"]), _f(r["ratio_if_pos_embed_16bit"]),
+                     f"{r['pos_embed']['share_of_fp16']:.1%}"])
+    checked = all(r.get("check", {}).get("verified", True) for r in m.values())
+    pos = [f"{v}: {', '.join(f'{k} {e:.4f}' for k, e in r['pos_embed']['fp8_rel_err'].items())}"
+           for v, r in m.items()]
+    note = ["", "pos_embed (sin-cos table) FP8 relative error, scale 1.0 (stored) vs absmax scales: " + "; ".join(pos)]
+    return [f"### 1. Memory (bytes from the architecture; per-tensor rules checked on real depth-2 models: "
+            f"{'agree' if checked else 'DISAGREE'})", ""] + _t(
+        ["model", "params", "FP16", "ours (auto preset)", "ComfyUI fp8 cast", "quanto qfloat8", "ours/FP16",
+         "ours/FP16 with pos_embed 16-bit", "pos_embed share"], rows) + note
+
+
+def quantize(q: dict) -> list[str]:
+    names = {"ours": "ours (quantize_weight)", "ours_with_report": "ours + per-layer error for the report",
+             "quanto": "optimum-quanto quantize+freeze", "cast": "plain .to(float8_e4m3fn)"}
+    rows = [[label, _f(q[f"{k}_mparams_s"], ".0f"), _f(q[f"{k}_mparams_s"] / q["cast_mparams_s"], ".2f")]
+            for k, label in names.items()]
+    return [f"### 2. Quantize throughput ({q['params'] / 1e6:.0f}M params: the Linear layers of block 0 of Large "
+            f"and of Medium, float16 in)", ""] + _t(["method", "Mparams/s", "x cast"], rows)
+
+
+def load(r: dict) -> list[str]:
+    size = r["fp16_file_bytes"]
+    labels = {"ours_model": "ours: stream quantize + ComfyUI model build", "ours_stream": "ours: stream quantize only",
+              "comfy_fp16": "ComfyUI load_diffusion_model (FP16)", "read_fp8": "read our FP8 file",
+              "read_fp16": "read the FP16 file"}
+    rows = [[label, _f(r["seconds"][k], ".2f"), _gb(r["net_peak_rss"][k]), _f(r["net_peak_rss"][k] / size, ".2f")]
+            for k, label in labels.items()]
+    return [f"### 3. Load (Medium depth {r['depth']}, FP16 file {_gb(size)}, FP8 file {_gb(r['fp8_file_bytes'])}; "
+            "peak RSS net of imports)", ""] + _t(["path", "seconds", "peak RSS", "x FP16 file"], rows)
+
+
+def step(s: dict) -> list[str]:
+    def block(r: dict) -> list[list]:
+        return [[name, _f(sec, ".2f"), _f(sec / r["seconds"]["fp32"], ".2f"), _f(r["rel_err"].get(name), ".4f")]
+                for name, sec in r["seconds"].items()]
+
+    rows = block(s)
+    lines = [f"### 4. CPU step ({s['variant']} depth {s['depth']}, full width, {s['pixels']}px: {s['image_tokens']} "
+             f"image + {s['context_tokens']} text tokens, 2 threads)", ""]
+    lines += _t(["variant", "s / forward", "x fp32", "output rel. err"], rows)
+    if "at_1024px_depth2" in s:
+        lines += ["", "At 1024px (depth 2):", ""] + _t(["variant", "s / forward", "x fp32", "output rel. err"],
+                                                      block(s["at_1024px_depth2"]))
+    return lines
+
+
+def fidelity(f: dict) -> list[str]:
+    by = f["by_weights"]
+    rows = [[name, _f(by["student_t"][name], ".4f"), _f(by["gaussian"][name], ".4f")] for name in by["student_t"]]
+    smp = f["sampling"]
+    srows = [[name, _f(v["latent_ssim"], ".4f"), _f(v["latent_psnr_db"], ".2f"), _f(v["latent_rel_err"], ".4f")]
+             for name, v in smp.items() if isinstance(v, dict)]
+    return ([f"### 5. Fidelity vs fp32 (Medium depth {f['depth']}, full width, {f['pixels']}px, 4 timesteps)", ""]
+            + _t(["method", "rel. err (student_t)", "rel. err (gaussian)"], rows)
+            + ["", f"{smp['steps']}-step Euler sampling (depth {smp['depth']}, {smp['pixels']}px, "
+               f"shift {smp['shift']}, no CFG), vs fp32; no real VAE here, so PSNR is on the latent:", ""]
+            + _t(["method", "latent SSIM", "latent PSNR (dB)", "latent rel. err"], srows))
+
+
+def sensitivity(s: dict) -> list[str]:
+    kinds = [k for k in ("student_t", "gaussian") if k in s]
+    header = ["group (only it in FP8)", "layers", "share of Medium"]
+    for k in kinds:
+        header += [f"rel. err ({k})", f"err per % saved ({k})"]
+    rows = []
+    for group, r in s[kinds[0]].items():
+        row = [group, r["layers"] if r["layers"] is not None else "-", _f(r["share_of_model"], ".2%")]
+        for k in kinds:
+            rk = s[k][group]
+            row += [_f(rk["rel_err"], ".4f"), _f(rk.get("err_per_pct_saved"), ".4f")]
+        rows.append(row)
+    return [f"### 6. Sensitivity (Medium depth {s['depth']}, full width, {s['pixels']}px; emulated: not Linear)",
+            ""] + _t(header, rows)
+
+
+def goals(g: dict) -> list[str]:
+    rows = [[v["goal"], _f(v["value"], ".3f"), v["target"],
+             "-" if v["pass"] is None else ("pass" if v["pass"] else "FAIL")] for v in g.values()]
+    return ["### Goals", ""] + _t(["goal", "measured", "target", ""], rows)
+
+
+RENDER = {"memory": memory, "quantize": quantize, "load": load, "step": step, "fidelity": fidelity,
+          "sensitivity": sensitivity}
+
+
+def render(results: dict) -> str:
+    m = results.get("machine", {})
+    lines = [f"## Benchmark ({results.get('mode')} run, {results.get('date')})", "",
+             f"Machine: {m.get('cpu')}, {m.get('cores')} cores ({m.get('threads_used')} threads used), "
+             f"{m.get('ram_gib')} GiB RAM; torch {results.get('torch')}. Random weights (see bench/README.md).", ""]
+    for name, fn in RENDER.items():
+        section = results.get(name)
+        if isinstance(section, dict) and "error" not in section:
+            lines += fn(section) + [""]
+        elif isinstance(section, dict):
+            lines += [f"### {name}: failed: {section['error'].splitlines()[-1]}", ""]
+    soak = results.get("soak")
+    if soak is not None:
+        lines += ["### Soak", "", "```", json.dumps(soak, indent=1)[:2000], "```", ""]
+    lines += goals(results.get("goals", {}))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS / "latest.json"
+    print(render(json.loads(path.read_text())))
