@@ -8,7 +8,8 @@ Modes:
   imports       import torch, safetensors, quant (the baseline of the plain-read modes)
   comfy_imports boot the ComfyUI host and import its loaders and our ops (the baseline of the model builds)
   ours_stream   quant.streaming.quantize_safetensors_stream (default preset), nothing else
-  ours_model    the same, then ComfyUI's load_diffusion_model_state_dict with our FP8 ops (the loader node's path)
+  ours_model    the same, then ComfyUI's load_diffusion_model_state_dict with our FP8 ops and FP8 pos_embed hand-over
+                (the loader node's path)
   comfy_fp16    ComfyUI's own comfy.sd.load_diffusion_model of the FP16 file
   save_fp8      stream-quantize FILE and save it to OUT with quant.checkpoint.save_quantized (not measured)
   read          safetensors.torch.load_file(FILE), each tensor then copied into process memory (load_file maps
@@ -62,8 +63,8 @@ def _model_bytes(patcher) -> int:
     return sum(t.numel() * t.element_size() for t in patcher.model.diffusion_model.state_dict().values())
 
 
-def _fp8_ops():
-    """nodes/fp8_ops.py imported as part of the pack (it uses package-relative imports)."""
+def _pack_nodes():
+    """nodes.fp8_ops and nodes.fp8_tables imported as part of the pack (they use package-relative imports)."""
     import importlib
     import types
 
@@ -73,7 +74,9 @@ def _fp8_ops():
         package = types.ModuleType("sd35_fp8_bench")
         package.__path__ = [str(REPO)]
         sys.modules["sd35_fp8_bench"] = package
-    return importlib.import_module("sd35_fp8_bench.nodes.fp8_ops")
+    importlib.import_module("sd35_fp8_bench.nodes.fp8_ops")
+    importlib.import_module("sd35_fp8_bench.nodes.fp8_tables")
+    return sys.modules["sd35_fp8_bench.nodes"]
 
 
 def main(argv: list[str]) -> dict:
@@ -94,7 +97,8 @@ def main(argv: list[str]) -> dict:
         boot_host()
         import comfy.sd
 
-        ops = _fp8_ops().make_fp8_ops("weight_only")
+        pack = _pack_nodes()
+        ops = pack.fp8_ops.make_fp8_ops("weight_only")
     result: dict = {"mode": mode}
     rss_before = _status_kib("VmRSS") * 1024
     anon_before = _status_kib("RssAnon") * 1024
@@ -105,8 +109,9 @@ def main(argv: list[str]) -> dict:
             result["bytes"] = sum(t.numel() * t.element_size() for t in sd.values())
         elif mode == "ours_model":
             sd, _, _ = quantize_safetensors_stream(path, QuantConfig())
-            model = comfy.sd.load_diffusion_model_state_dict(
-                sd, model_options={"custom_operations": ops, "dtype": torch.float16})
+            with pack.fp8_tables.fp8_tables_in_place(sd, ""):  # as the loader node does: pos_embed stays FP8
+                model = comfy.sd.load_diffusion_model_state_dict(
+                    sd, model_options={"custom_operations": ops, "dtype": torch.float16})
             del sd
             result["bytes"] = _model_bytes(model)
         elif mode == "comfy_fp16":

@@ -163,6 +163,10 @@ def read_diffusers_transformer(folder: Path) -> dict:
         files = ["diffusion_pytorch_model.safetensors"]
     sd = {}
     for name in files:
+        if Path(name).name != name or not name.endswith(".safetensors"):
+            model = folder.parent.name if folder.name == "transformer" else folder.name
+            raise ValueError(f"model_name: {model}'s weight index names {name!r}; only .safetensors files in the "
+                             "same folder are read. Fix the index or convert the shards to safetensors")
         path = folder / name
         refuse_pickle(str(path), "model_name")
         sd.update(comfy.utils.load_torch_file(str(path)))

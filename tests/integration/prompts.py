@@ -58,6 +58,13 @@ def fp8_loader(ckpt_name: str, **overrides) -> dict:
     return {"class_type": "SD35FP8CheckpointLoader", "inputs": inputs}
 
 
+def dm_loader(model_name: str, **overrides) -> dict:
+    inputs = {"model_name": model_name, "fp8_format": "float8_e4m3fn", "scaling": "per_channel",
+              "protect_preset": "auto", "compute": "auto"}
+    inputs.update(overrides)
+    return {"class_type": "SD35FP8DiffusionModelLoader", "inputs": inputs}
+
+
 def quantize_model(model: list, **overrides) -> dict:
     inputs = {"model": model, "fp8_format": "float8_e4m3fn", "scaling": "per_channel", "protect_preset": "auto",
               "compute": "auto"}

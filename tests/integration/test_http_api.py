@@ -25,7 +25,7 @@ import comfy_host
 import numpy as np
 import pytest
 from PIL import Image
-from prompts import encode, our_sampler, quantize_model
+from prompts import dm_loader, encode, fp8_loader, our_sampler, quantize_model
 
 REPO = Path(__file__).resolve().parents[2]
 IN_ACCESS, IN_OPEN = 0x1, 0x20
@@ -114,19 +114,6 @@ def assert_healthy(server: comfy_host.ServerProcess) -> None:
     assert status == 200 and queue == {"queue_running": [], "queue_pending": []}, queue
 
 
-def dm_loader(name: str, **overrides) -> dict:
-    inputs = {"model_name": name, "fp8_format": "float8_e4m3fn", "scaling": "per_channel", "protect_preset": "auto",
-              "compute": "auto"}
-    inputs.update(overrides)
-    return {"class_type": "SD35FP8DiffusionModelLoader", "inputs": inputs}
-
-
-def ckpt_loader(name: str) -> dict:
-    return {"class_type": "SD35FP8CheckpointLoader", "inputs": {
-        "ckpt_name": name, "fp8_format": "float8_e4m3fn", "scaling": "per_channel", "protect_preset": "auto",
-        "compute": "auto", "text_encoder_fp8": "t5xxl_only"}}
-
-
 def show(source: list) -> dict:
     return {"class_type": "PreviewAny", "inputs": {"source": source}}
 
@@ -165,7 +152,7 @@ def test_dotdot_and_absolute_names_are_rejected_and_nothing_outside_is_opened(si
         assert str(site["far"]) in watch.events()
         for name in _traversal_names(site):
             if node == "SD35FP8CheckpointLoader":
-                prompt, input_name = {"ld": ckpt_loader(name), "out": show(["ld", 3])}, "ckpt_name"
+                prompt, input_name = {"ld": fp8_loader(name), "out": show(["ld", 3])}, "ckpt_name"
             else:
                 prompt, input_name = {"ld": dm_loader(name), "out": show(["ld", 1])}, "model_name"
             status, body = submit(site["url"], prompt)

@@ -24,7 +24,7 @@ import comfy_host
 import pytest
 import torch
 from helpers import fp8_layers, snapshot
-from prompts import encode, fp8_loader, our_sampler, quantize_model
+from prompts import dm_loader, encode, fp8_loader, our_sampler, quantize_model
 from safetensors.torch import load_file, save_file
 
 SUB = "reliability"  # our bad files live in models/<folder>/reliability/
@@ -34,13 +34,6 @@ _health = itertools.count()
 
 
 # --------------------------------------------------------------------------- helpers
-
-def dm_loader(name: str, **overrides) -> dict:
-    inputs = {"model_name": name, "fp8_format": "float8_e4m3fn", "scaling": "per_channel", "protect_preset": "auto",
-              "compute": "auto"}
-    inputs.update(overrides)
-    return {"class_type": "SD35FP8DiffusionModelLoader", "inputs": inputs}
-
 
 def show(source: list) -> dict:
     return {"class_type": "PreviewAny", "inputs": {"source": source}}
@@ -609,3 +602,19 @@ def test_fault_mid_save_leaves_no_file_and_overwrites_nothing(runner, comfy_base
     assert sorted(set(final) - set(existing)) == sorted({f"{fault}_{counter:05}_.safetensors"} |
                                                          ({f"{fault}_00002_.safetensors"} if counter == 3 else set()))
     assert all(final[n] == existing[n] for n in existing), "an existing file was overwritten"
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "diffusion_pytorch_model.bin"])
+def test_diffusers_index_naming_other_files_is_refused(runner, comfy_base, fixture_files, shard):
+    """A diffusers folder's weight index may only name .safetensors shards beside it: no path out of the
+    folder, no pickle shard (comfy.utils.load_torch_file would torch.load anything not .safetensors)."""
+    name = f"bad_index_{'escape' if shard.startswith('..') else 'bin'}"
+    transformer = comfy_base / "models" / "diffusion_models" / name / "transformer"
+    transformer.mkdir(parents=True, exist_ok=True)
+    (transformer / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
+    (transformer / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"pos_embed.proj.weight": shard}}))
+    (transformer.parent / "outside.safetensors").write_bytes(fixture_files["large_transformer"].read_bytes())
+    text = error_of(runner, {"ld": dm_loader(name), "out": show(["ld", 1])})
+    assert f"model_name: {name}'s weight index names {shard!r}; only .safetensors files" in text, text
+    assert_serving(runner, fixture_files)
