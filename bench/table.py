@@ -99,8 +99,18 @@ def sensitivity(s: dict) -> list[str]:
             rk = s[k][group]
             row += [_f(rk["rel_err"], ".4f"), _f(rk.get("err_per_pct_saved"), ".4f")]
         rows.append(row)
-    return [f"### 6. Sensitivity (Medium depth {s['depth']}, full width, {s['pixels']}px; emulated: not Linear)",
+    return [f"### 6. Sensitivity (Medium depth {s['depth']}, full width, {s['pixels']}px; pos_embed: the stored "
+            "FP8 table; x_embedder: a Conv2d, emulated)",
             ""] + _t(header, rows)
+
+
+def soak_table(s: dict) -> list[str]:
+    rows = [[s["n_prompts"], s["warmup"], _f(s["rss_growth_ratio"], ".4f"), s["tensor_growth"],
+             _f(s["tensor_mb_growth"], ".2f"), _f(s["seconds_per_prompt_median"], ".2f"), s["failed"],
+             "yes" if s["server_alive_at_end"] else "NO"]]
+    return ["### Soak (quantize + sample prompts in one ComfyUI server; growth after the warm-up prompts)", ""] + _t(
+        ["prompts", "warm-up", "RSS growth ratio", "live tensors added", "tensor MB added", "s / prompt", "failed",
+         "server alive"], rows)
 
 
 def goals(g: dict) -> list[str]:
@@ -125,8 +135,10 @@ def render(results: dict) -> str:
         elif isinstance(section, dict):
             lines += [f"### {name}: failed: {section['error'].splitlines()[-1]}", ""]
     soak = results.get("soak")
-    if soak is not None:
-        lines += ["### Soak", "", "```", json.dumps(soak, indent=1)[:2000], "```", ""]
+    if isinstance(soak, dict) and "error" not in soak:
+        lines += soak_table(soak) + [""]
+    elif isinstance(soak, dict):
+        lines += [f"### Soak: failed: {soak['error'].splitlines()[-1]}", ""]
     lines += goals(results.get("goals", {}))
     return "\n".join(lines)
 

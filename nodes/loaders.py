@@ -81,8 +81,8 @@ class SD35FP8CheckpointLoader:
     TITLE = "Load SD3.5 Checkpoint (FP8)"
     CATEGORY = f"{CATEGORY}/loaders"
     DESCRIPTION = ("Loads an SD3.5 all-in-one checkpoint and quantizes it to FP8 while reading it: per-channel scaled "
-                   "FP8 Linear layers, with embedders and final layer kept 16-bit (preset auto detects Large, "
-                   "Medium or Large Turbo). The report lists every layer with its bytes and error.")
+                   "FP8 Linear layers and an FP8 pos_embed, with embedders and final layer kept 16-bit (preset auto "
+                   "detects Large, Medium or Large Turbo). The report lists every layer with its bytes and error.")
     RETURN_TYPES = ("MODEL", "CLIP", "VAE", "STRING")
     RETURN_NAMES = ("model", "clip", "vae", "report")
     OUTPUT_TOOLTIPS = ("The FP8 diffusion model.", "Text encoders (T5-XXL in FP8 by default).", "The 16-channel VAE.",

@@ -27,8 +27,9 @@ class SD35FP8QuantizeModel:
     TITLE = "Quantize Model to FP8"
     CATEGORY = f"{CATEGORY}/quantize"
     DESCRIPTION = ("Makes an FP8 copy of a loaded diffusion model: each Linear layer not protected by the preset "
-                   "or your patterns is stored as FP8 with float32 scales. The input model is not changed, so "
-                   "the FP16 and FP8 versions can be sampled side by side. LoRAs work before or after this node.")
+                   "or your patterns is stored as FP8 with float32 scales (SD3's pos_embed table too, scale 1.0). "
+                   "The input model is not changed, so the FP16 and FP8 versions can be sampled side by side. "
+                   "LoRAs work before or after this node.")
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("model", "report")
     OUTPUT_TOOLTIPS = ("The FP8 model (a patched clone of the input).", "Per-layer report: dtypes, bytes, error.")
