@@ -1,7 +1,7 @@
 """Section 3, streaming load: wall time and peak RSS to load a full-size Medium checkpoint, one process per load.
 
 A float16 transformer-only checkpoint (ComfyUI key layout, Gaussian weights) is written tensor by tensor to a
-temporary folder (full: depth 24, 4.9 GB; quick: depth 6, full width). Then, each in a fresh process
+temporary folder (full: depth 24, 4.9 GB; quick: depth 4, full width). Then, each in a fresh process
 (bench.load_child): our loader path (stream quantize + ComfyUI model build with our FP8 ops), the stream
 quantize alone, ComfyUI's own load of the FP16 file, and a plain safetensors read of our saved FP8 file
 and of the FP16 file. Peak RSS is reported net of the process's RSS before the load (interpreter, torch,
@@ -68,7 +68,7 @@ def _net(r: dict) -> int:
 
 def run(quick: bool, workdir: str | None = None) -> dict:
     variant = "sd35_medium"
-    depth = 6 if quick else models.depth_of(variant)
+    depth = 4 if quick else models.depth_of(variant)
     with tempfile.TemporaryDirectory(prefix="bench-load-", dir=workdir) as tmp:
         fp16 = Path(tmp) / f"{variant}_fp16.safetensors"
         fp8 = Path(tmp) / f"{variant}_fp8.safetensors"

@@ -66,7 +66,7 @@ def run(quick: bool) -> dict:
         depth //= 2
     pixels = 512
     log(f"step: {VARIANT} depth {depth} at {pixels}x{pixels}")
-    main = measure(depth, pixels, repeats=3)
+    main = measure(depth, pixels, repeats=2 if quick else 3)
     out = {"variant": VARIANT, "weights": "student_t", **main}
     if not quick:
         log(f"step: {VARIANT} depth 2 at 1024x1024 (token-count dependence)")
