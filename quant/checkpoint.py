@@ -26,10 +26,10 @@ QUANT_METADATA_KEY = "_quantization_metadata"
 LEGACY_MARKER = "scaled_fp8"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _MAX_HEADER = 100 * 1024 * 1024
-# Bytes per element of each safetensors dtype (None: packed sub-byte formats, size not checked).
-SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
-                        "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
-                        "F4": None, "F6_E2M3": None, "F6_E3M2": None}
+# Bits per element of each safetensors dtype (the packed sub-byte ones must end on a byte boundary).
+SAFETENSORS_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
+                    "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+                    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 
 
 class UnsafeFileError(ValueError):
@@ -105,7 +105,7 @@ def _entry_problem(entry: object, data_size: int) -> str | None:
     if not isinstance(entry, dict):
         return "its entry is not a table"
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in SAFETENSORS_ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_BITS:
         return f"unknown dtype {dtype!r}"
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         return f"invalid shape {shape!r}"
@@ -114,11 +114,11 @@ def _entry_problem(entry: object, data_size: int) -> str | None:
         return f"invalid data_offsets {offsets!r}"
     if offsets[1] > data_size:
         return "it ends past the end of the file"
-    itemsize = SAFETENSORS_ITEMSIZE[dtype]
     numel = 1
     for d in shape:
         numel *= d
-    if itemsize is not None and offsets[1] - offsets[0] != numel * itemsize:
+    bits = numel * SAFETENSORS_BITS[dtype]
+    if bits % 8 or offsets[1] - offsets[0] != bits // 8:
         return f"{offsets[1] - offsets[0]} bytes for shape {shape} of {dtype}"
     return None
 

@@ -108,7 +108,11 @@ class _ErrorSums:
     def add(self, scaled: torch.Tensor, quantized: torch.Tensor, scale: torch.Tensor, work: torch.Tensor) -> None:
         """`scaled` = w / scale (float32, within the format's range, so its norms cannot overflow), `quantized`
         its FP8 copy, `work` a float32 scratch like `scaled`. Scales are applied to the norms in float64."""
-        work.copy_(quantized)
+        half, factor = fp8_as_half(quantized) if quantized.device.type == "cpu" and is_fp8(quantized) \
+            else (quantized, 1.0)
+        work.copy_(half)
+        if factor != 1.0:
+            work.mul_(factor)
         work.sub_(scaled)
         dims = tuple(range(1, scaled.dim()))
         if scale.numel() > 1 and dims:  # one scale per row
@@ -239,9 +243,41 @@ def _quantize(weight: torch.Tensor, fmt: str, scaling: str, name: str,
     return qweight.reshape(weight.shape), scale
 
 
+def fp8_as_half(qweight: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(h, factor) with h float16 and h * factor == qweight exactly, for every finite FP8 value.
+
+    torch's CPU conversion out of float8 is scalar; integer ops and float16 -> float32 are vectorised, so on
+    the CPU this route is ~2x faster (bench: FP8 weight-only step). e5m2 is the top byte of a float16;
+    e4m3fn's exponent and mantissa bits shifted into a float16 give the value / 256 (normal and subnormal
+    alike). e4m3fn's NaN code reads as 480: the quantizer never writes it.
+    """
+    if qweight.dtype == torch.float8_e5m2:
+        bits = qweight.view(torch.uint8).to(torch.int16).bitwise_left_shift_(8)
+        return bits.view(torch.float16), 1.0
+    if qweight.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"{qweight.dtype} is not an FP8 dtype")
+    bits = qweight.view(torch.int8).to(torch.int16)  # sign-extended: the sign lands on bits 14 and 15
+    bits.bitwise_left_shift_(7).bitwise_and_(~0x4000)  # keep it on bit 15 only
+    return bits.view(torch.float16), 256.0
+
+
+def widen_fp8(qweight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`qweight.to(dtype)`, exactly, through `fp8_as_half` on the CPU."""
+    if qweight.device.type != "cpu" or not dtype.is_floating_point or not is_fp8(qweight):
+        return qweight.to(dtype)
+    half, factor = fp8_as_half(qweight)
+    out = half.to(dtype)
+    return out if factor == 1.0 else out.mul_(factor)
+
+
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """fp8 weight * scale in `dtype` (the scale broadcasts: [out, 1] or []), scaled in place: one allocation."""
-    out = qweight.to(dtype)
+    if qweight.device.type == "cpu" and dtype.is_floating_point and is_fp8(qweight):
+        half, factor = fp8_as_half(qweight)  # the factor folds into the scale: one pass fewer
+        out = half.to(dtype)
+        scale = scale.to(device=qweight.device, dtype=torch.float32) * factor
+    else:
+        out = qweight.to(dtype)
     scale = scale.to(device=qweight.device, dtype=dtype)
     if torch.broadcast_shapes(out.shape, scale.shape) != out.shape:
         return out * scale

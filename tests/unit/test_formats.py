@@ -16,6 +16,7 @@ from quant.formats import (
     quantize_weight,
     quantize_weight_with_error,
     relative_error,
+    widen_fp8,
 )
 
 FORMATS = ["float8_e4m3fn", "float8_e5m2"]
@@ -166,3 +167,15 @@ def test_tables_that_need_a_scale_stay_16bit_and_say_why():
     assert fp8 is None and "exceed float8_e4m3fn's range" in why
     with pytest.raises(ValueError, match="pos_embed: weight holds 1 NaN/Inf"):
         quantize_unit_scale(torch.tensor([[[0.5, float("nan")]]]), "float8_e4m3fn", name="pos_embed")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_fast_cpu_widening_equals_torch_conversion_for_every_code(fmt, dtype):
+    codes = torch.arange(256, dtype=torch.uint8).view(fp8_dtype(fmt))
+    reference = codes.to(torch.float32)
+    finite = torch.isfinite(reference)
+    assert torch.equal(widen_fp8(codes, dtype)[finite], codes.to(dtype)[finite])
+    scale = torch.full((256, 1), 0.37)
+    assert torch.equal(dequantize_weight(codes.reshape(256, 1), scale, dtype)[finite.reshape(256, 1)],
+                       (codes.to(dtype).reshape(256, 1) * scale.to(dtype))[finite.reshape(256, 1)])
