@@ -94,7 +94,9 @@ def quantize_modules(
         tensor = patcher.get_model_object(f"{prefix}{name}")
         if isinstance(tensor, torch.Tensor):
             handled.add(id(tensor))
-            _unit_scale_table(clone, f"{prefix}{name}", name, tensor, fp8_format, report)
+            table = quantize_table(name, tensor, fp8_format, report)
+            if table is not tensor:
+                clone.add_object_patch(f"{prefix}{name}", table)
     for name, tensor in list(root.named_parameters()) + list(root.named_buffers()):
         if id(tensor) not in handled and not name.endswith(".weight_scale"):
             report.add(LayerReport(name, tuple(tensor.shape), str(tensor.dtype), str(tensor.dtype),
@@ -102,14 +104,3 @@ def quantize_modules(
     if report.n_fp8 == 0 and not any("already" in w for w in report.warnings):
         report.warnings.append("no layer was quantized: check protect_preset / protect_patterns")
     return clone
-
-
-
-def _unit_scale_table(clone, key: str, name: str, tensor: torch.Tensor, fp8_format: str, report: Report) -> None:
-    """Attach an FP8 (scale 1.0) copy of a root table such as pos_embed to `clone`, where quantize_table says so."""
-    table, row, warning = quantize_table(name, tensor, fp8_format)
-    report.add(row)
-    if warning:
-        report.warnings.append(warning)
-    if table is not tensor:
-        clone.add_object_patch(key, table)

@@ -9,6 +9,8 @@ with `scale` float32 of shape [out, 1] (per output channel) or [] (per tensor).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FP8_DTYPES: dict[str, torch.dtype] = {
@@ -75,16 +77,20 @@ def _scale_from_absmax(absmax: torch.Tensor, limit: float) -> torch.Tensor:
     return torch.where(absmax > 0, scale, torch.ones_like(scale))
 
 
+def _check_scaling(weight: torch.Tensor, scaling: str) -> None:
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling: {scaling!r} is not supported; use one of {list(SCALINGS)}")
+    if weight.dim() != 2 and scaling == "per_channel":
+        raise ValueError(f"per_channel scaling needs a 2-D weight, got shape {tuple(weight.shape)}")
+
+
 def compute_scale(weight: torch.Tensor, fmt: str = "float8_e4m3fn", scaling: str = "per_channel") -> torch.Tensor:
     """float32 absmax scale: [out, 1] for per_channel, [] for per_tensor.
 
     An all-zero row (or tensor) gets scale 1.0, so dequantization gives exact zeros
     and nothing divides by zero.
     """
-    if scaling not in SCALINGS:
-        raise ValueError(f"scaling: {scaling!r} is not supported; use one of {list(SCALINGS)}")
-    if weight.dim() != 2 and scaling == "per_channel":
-        raise ValueError(f"per_channel scaling needs a 2-D weight, got shape {tuple(weight.shape)}")
+    _check_scaling(weight, scaling)
     absmax = _absmax(weight, 1 if scaling == "per_channel" else None)
     return _scale_from_absmax(absmax, fp8_max(fmt))
 
@@ -108,9 +114,8 @@ class _ErrorSums:
     def add(self, scaled: torch.Tensor, quantized: torch.Tensor, scale: torch.Tensor, work: torch.Tensor) -> None:
         """`scaled` = w / scale (float32, within the format's range, so its norms cannot overflow), `quantized`
         its FP8 copy, `work` a float32 scratch like `scaled`. Scales are applied to the norms in float64."""
-        half, factor = fp8_as_half(quantized) if quantized.device.type == "cpu" and is_fp8(quantized) \
-            else (quantized, 1.0)
-        work.copy_(half)
+        narrow, factor = _widenable(quantized)
+        work.copy_(narrow)
         if factor != 1.0:
             work.mul_(factor)
         work.sub_(scaled)
@@ -233,13 +238,15 @@ def _quantize(weight: torch.Tensor, fmt: str, scaling: str, name: str,
     if weight.numel() == 0:  # a 0-width layer: nothing to scale
         shape = (weight.shape[0], 1) if scaling == "per_channel" and weight.dim() == 2 else ()
         return torch.empty(weight.shape, dtype=dtype, device=weight.device), torch.ones(shape, device=weight.device)
-    if scaling == "per_channel" and weight.dim() == 2:
+    _check_scaling(weight, scaling)
+    if scaling == "per_channel":
         return _quantize_per_channel(weight, dtype, name, errors)
-    if not bool(torch.isfinite(_absmax(weight)).all()):
+    absmax = _absmax(weight)
+    if not bool(torch.isfinite(absmax)):
         _check_finite(weight, name)
-    scale = compute_scale(weight, fmt, scaling)
+    scale = _scale_from_absmax(absmax, fp8_max(dtype))
     rows = weight.reshape(-1, weight.shape[-1]) if weight.dim() > 2 else weight  # chunks of rows, not of dim 0
-    qweight = _quantize_chunks(rows, scale, dtype, None, scaling == "per_channel", errors)
+    qweight = _quantize_chunks(rows, scale, dtype, None, False, errors)
     return qweight.reshape(weight.shape), scale
 
 
@@ -261,23 +268,28 @@ def fp8_as_half(qweight: torch.Tensor) -> tuple[torch.Tensor, float]:
     return bits.view(torch.float16), 256.0
 
 
+def _widenable(qweight: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(t, factor) with t * factor == qweight, t cheap to widen: `fp8_as_half` for FP8 on the CPU, else as is."""
+    if qweight.device.type == "cpu" and is_fp8(qweight):
+        return fp8_as_half(qweight)
+    return qweight, 1.0
+
+
 def widen_fp8(qweight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`qweight.to(dtype)`, exactly, through `fp8_as_half` on the CPU."""
-    if qweight.device.type != "cpu" or not dtype.is_floating_point or not is_fp8(qweight):
+    if not dtype.is_floating_point:
         return qweight.to(dtype)
-    half, factor = fp8_as_half(qweight)
-    out = half.to(dtype)
+    narrow, factor = _widenable(qweight)
+    out = narrow.to(dtype)
     return out if factor == 1.0 else out.mul_(factor)
 
 
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """fp8 weight * scale in `dtype` (the scale broadcasts: [out, 1] or []), scaled in place: one allocation."""
-    if qweight.device.type == "cpu" and dtype.is_floating_point and is_fp8(qweight):
-        half, factor = fp8_as_half(qweight)  # the factor folds into the scale: one pass fewer
-        out = half.to(dtype)
+    narrow, factor = _widenable(qweight) if dtype.is_floating_point else (qweight, 1.0)
+    out = narrow.to(dtype)
+    if factor != 1.0:  # folded into the scale: one pass fewer
         scale = scale.to(device=qweight.device, dtype=torch.float32) * factor
-    else:
-        out = qweight.to(dtype)
     scale = scale.to(device=qweight.device, dtype=dtype)
     if torch.broadcast_shapes(out.shape, scale.shape) != out.shape:
         return out * scale
@@ -297,7 +309,7 @@ def quantize_unit_scale(tensor: torch.Tensor, fmt: str = "float8_e4m3fn",
     if tensor.numel() == 0:
         return torch.empty(tensor.shape, dtype=dtype, device=tensor.device), 0.0, ""
     absmax = float(_absmax(tensor))
-    if absmax != absmax or absmax == float("inf"):
+    if not math.isfinite(absmax):
         _check_finite(tensor, name)
     if absmax > fp8_max(dtype):
         return None, None, f"{name}: values up to {absmax:.4g} exceed {fmt}'s range; kept 16-bit"
@@ -343,16 +355,3 @@ def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
         num += float((app.double() - ref).square_().sum())
     return (num / den) ** 0.5 if den > 0 else num**0.5
 
-
-def quantization_error(weight: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> float:
-    """relative_error(weight, dequantize_weight(qweight, scale)) without materialising the dequantized weight."""
-    if scale.dim() == 0 or weight.dim() != 2:
-        return relative_error(weight, dequantize_weight(qweight, scale))
-    num = den = 0.0
-    step = _chunk_rows(weight)
-    for start in range(0, weight.shape[0], step):
-        ref = weight[start:start + step].double()
-        app = dequantize_weight(qweight[start:start + step], scale[start:start + step], torch.float64)
-        den += float(ref.square().sum())
-        num += float(app.sub_(ref).square_().sum())
-    return (num / den) ** 0.5 if den > 0 else num**0.5

@@ -76,17 +76,20 @@ def quantize(module: torch.nn.Module, config: QuantConfig | None = None, policy:
     return target, report
 
 
-def quantize_table(name: str, tensor: torch.Tensor, fp8_format: str) -> tuple[torch.Tensor, LayerReport, str]:
-    """A policy's unit-scale table (pos_embed): (the tensor to use, its report row, a warning or "").
+def quantize_table(name: str, tensor: torch.Tensor, fp8_format: str, report: Report) -> torch.Tensor:
+    """A policy's unit-scale table (pos_embed): the tensor to use, its row (and any warning) added to `report`.
 
     Already-FP8 tables are kept; `quantize_unit_scale` decides whether FP8 with scale 1.0 is good enough."""
     shape, before, size = tuple(tensor.shape), str(tensor.dtype), _nbytes(tensor)
-    if tensor.dtype.itemsize == 1:
-        return tensor, LayerReport(name, shape, before, before, size, size, None, "kept"), ""
-    fp8, error, why = quantize_unit_scale(tensor.detach(), fp8_format, name=name)
+    fp8, error, why = (None, None, "") if tensor.dtype.itemsize == 1 else \
+        quantize_unit_scale(tensor.detach(), fp8_format, name=name)
+    if why:
+        report.warnings.append(why)
     if fp8 is None:
-        return tensor, LayerReport(name, shape, before, before, size, size, None, "kept"), why
-    return fp8, LayerReport(name, shape, before, str(fp8.dtype), size, _nbytes(fp8), error, "fp8"), ""
+        report.add(LayerReport(name, shape, before, before, size, size, None, "kept"))
+        return tensor
+    report.add(LayerReport(name, shape, before, str(fp8.dtype), size, _nbytes(fp8), error, "fp8"))
+    return fp8
 
 
 def quantize_tables(module: torch.nn.Module, policy: ProtectionPolicy, fp8_format: str, report: Report) -> None:
@@ -96,10 +99,7 @@ def quantize_tables(module: torch.nn.Module, policy: ProtectionPolicy, fp8_forma
         tensor = getattr(module, name, None)
         if not isinstance(tensor, torch.Tensor):
             continue
-        table, row, warning = quantize_table(name, tensor, fp8_format)
-        report.add(row)
-        if warning:
-            report.warnings.append(warning)
+        table = quantize_table(name, tensor, fp8_format, report)
         if table is tensor:
             continue
         if name in module._parameters:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
-from .checkpoint import LEGACY_MARKER, check_safetensors
+from .checkpoint import LEGACY_MARKER, SAFETENSORS_DTYPES, check_safetensors
 from .config import QuantConfig
 from .formats import format_name, is_fp8, quantize_weight_with_error
 from .policy import ProtectionPolicy, resolve_policy
@@ -76,7 +76,7 @@ class _Quantizer:
                 key.endswith(LEGACY_MARKER):
             return  # emitted together with their weight (or dropped: we scale activations dynamically)
         if rel in self.policy.unit_scale:
-            yield key, self._unit_scale(rel, tensor)
+            yield key, quantize_table(rel, tensor, self.config.fp8_format, self.report)
             return
         if is_fp8(tensor):
             scale = scale_for(key[: -len(".weight")]) if key.endswith(".weight") else None
@@ -111,14 +111,6 @@ class _Quantizer:
             self.report.add(LayerReport(name if action == "protected" else rel, tuple(tensor.shape), str(tensor.dtype),
                                         str(tensor.dtype), _nbytes(tensor), _nbytes(tensor), None, action))
         yield key, tensor
-
-    def _unit_scale(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """A non-Linear table (pos_embed) in FP8 with scale 1.0 where that is as good as scaled (see quantize_table)."""
-        table, row, warning = quantize_table(name, tensor, self.config.fp8_format)
-        self.report.add(row)
-        if warning:
-            self.report.warnings.append(warning)
-        return table
 
     def finish(self) -> Report:
         if self.already_fp8:
@@ -187,12 +179,6 @@ def quantize_safetensors_stream(path: str | os.PathLike, config: QuantConfig, *,
         reader = _TensorReader(f, header, str(path))
         return _quantize_all(keys, shapes, reader.read_scratch, reader.read, config, model_prefix, text_encoders,
                              progress, hint, keep=reader.keep)
-
-
-# safetensors dtype names -> torch dtypes (check_safetensors has vetted every entry's dtype, shape and size)
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
-                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class _TensorReader:
