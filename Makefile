@@ -1,4 +1,6 @@
-# make test  - from a fresh clone: create .venv, install pinned deps, materialise the ComfyUI host, run pytest
+# make test  - from a fresh clone: create .venv, install pinned deps, materialise both ComfyUI hosts, run pytest:
+#              unit tests once, integration + browser tests on each host, then each host in FP8-device mode
+#              (make test HOSTS=0.8.0 runs one host)
 # make demo  - run the txt2img and FP16-vs-FP8 workflows through the real ComfyUI (see README)
 # Re-running reuses .venv and .cache/ (stamps below).
 
@@ -8,7 +10,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CACHE := .cache
 
-.PHONY: test lint venv host fixtures browser demo serve bench bench-quick clean
+HOSTS ?= 0.3.75 0.8.0
+PYTEST := $(PY) -m pytest -q
+
+.PHONY: test lint venv host hosts fixtures browser demo serve bench bench-quick clean
 
 $(STAMP): requirements-test.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +26,16 @@ $(STAMP): requirements-test.txt Makefile
 venv: $(STAMP)
 
 host: venv
-	$(PY) -c "import sys; sys.path.insert(0, 'tools'); from comfy_host import materialise; print(materialise('$(CACHE)'))"
+	$(PY) -c "import sys; sys.path.insert(0, 'tools'); from comfy_host import materialise; print(materialise('$(CACHE)', '0.3.75'))"
+
+# ComfyUI 0.8.0: its release source (hash-checked) and the packages it pins apart from the venv
+$(CACHE)/site-0.8.0/.installed: requirements-host-0.8.0.txt
+	rm -rf $(CACHE)/site-0.8.0
+	$(PY) -m pip install -q --no-deps --target $(CACHE)/site-0.8.0 -r requirements-host-0.8.0.txt
+	touch $@
+
+hosts: host $(CACHE)/site-0.8.0/.installed
+	$(PY) -c "import sys; sys.path.insert(0, 'tools'); from comfy_host import materialise; print(materialise('$(CACHE)', '0.8.0'))"
 
 fixtures: host
 	$(PY) tools/tiny_sd35.py --comfy $(CACHE)/comfyui-0.3.75 --out $(CACHE)/fixtures
@@ -35,8 +49,12 @@ browser:
 lint: venv
 	$(PY) -m ruff check .
 
-test: lint fixtures browser
-	$(PY) -m pytest -q
+test: lint fixtures browser hosts
+	$(PYTEST) tests/unit
+	@set -e; for h in $(HOSTS); do \
+	  echo "== ComfyUI $$h"; COMFY_HOST=$$h $(PYTEST) tests/integration tests/browser; \
+	  echo "== ComfyUI $$h, FP8-device mode (--supports-fp8-compute)"; COMFY_HOST=$$h COMFY_FP8_DEVICE=1 $(PYTEST) tests/integration; \
+	done
 
 # txt2img + FP16-vs-FP8 A/B through the real ComfyUI on your checkpoint (SD35_CHECKPOINT=...) or a tiny one
 demo: host

@@ -15,10 +15,14 @@ import comfy.model_management
 import comfy.utils
 import torch
 
-from ..quant.formats import is_fp8, quantize_weight_with_error
+from ..quant.formats import quantize_weight_with_error
 from ..quant.quantize import quantize_table
 from ..quant.report import LayerReport, Report
 from .fp8_ops import fp8_linear_from, make_fp8_ops
+from .host_fp8 import fp8_weight, is_linear
+
+# A layer's scales (ours, ComfyUI's mixed-precision and legacy names): their bytes count in the layer's row.
+SCALE_SUFFIXES = (".weight_scale", ".input_scale", ".scale_weight", ".scale_input")
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -67,19 +71,21 @@ def quantize_modules(
     prefix = f"{root_attr}." if root_attr else ""
     ops = make_fp8_ops(compute)
     modules = ((n, effective_module(patcher, f"{prefix}{n}")) for n, _ in root.named_modules() if n)
-    linears = [(n, m) for n, m in modules if isinstance(m, torch.nn.Linear)]
+    linears = [(n, m) for n, m in modules if is_linear(m)]
     progress = comfy.utils.ProgressBar(max(len(linears), 1))
     handled: set[int] = set()
+    already_fp8 = 0
     for index, (name, module) in enumerate(linears):
         comfy.model_management.throw_exception_if_processing_interrupted()
         weight = _original_weight(patcher, f"{prefix}{name}.weight", module)
         shape = tuple(weight.shape)
         handled.add(id(module.weight))
-        if is_fp8(weight):
-            scale = getattr(module, "weight_scale", None)
-            report.add(LayerReport(name, shape, str(weight.dtype), str(weight.dtype),
-                                   _nbytes(weight) + _nbytes(scale), _nbytes(weight) + _nbytes(scale), None, "kept"))
-            report.warnings.append(f"{name}: already {weight.dtype}, left as it is")
+        held = fp8_weight(module, name, weight)
+        if held is not None:  # ours, or the host's own FP8 layer (a stock loader on an FP8 file): passed through
+            qdata, scale = held
+            size = _nbytes(qdata) + _nbytes(scale)
+            report.add(LayerReport(name, shape, str(qdata.dtype), str(qdata.dtype), size, size, None, "kept"))
+            already_fp8 += 1
         elif weight.dim() == 2 and should_quantize(name, shape):
             qweight, scale, err = quantize_weight_with_error(weight, fp8_format, scaling, name=name)
             layer = fp8_linear_from(ops, qweight, scale, module.bias, bias_dtype=weight.dtype)
@@ -98,9 +104,11 @@ def quantize_modules(
             if table is not tensor:
                 clone.add_object_patch(f"{prefix}{name}", table)
     for name, tensor in list(root.named_parameters()) + list(root.named_buffers()):
-        if id(tensor) not in handled and not name.endswith(".weight_scale"):
+        if id(tensor) not in handled and not name.endswith(SCALE_SUFFIXES):
             report.add(LayerReport(name, tuple(tensor.shape), str(tensor.dtype), str(tensor.dtype),
                                    _nbytes(tensor), _nbytes(tensor), None, "kept"))
-    if report.n_fp8 == 0 and not any("already" in w for w in report.warnings):
+    if already_fp8:
+        report.warnings.append(f"the input already holds {already_fp8} FP8 layer(s): they were kept as they are")
+    elif report.n_fp8 == 0:
         report.warnings.append("no layer was quantized: check protect_preset / protect_patterns")
     return clone

@@ -1,8 +1,9 @@
 """Save FP8 Model: write the FP8 diffusion model as a .safetensors stock ComfyUI loads.
 
 Layout: ComfyUI's native mixed-precision format (`<layer>.weight` FP8, `<layer>.weight_scale`
-float32, `_quantization_metadata` header), read by ComfyUI's own UNETLoader. Written
-atomically under the output folder with a fresh counter: never overwrites.
+float32, `_quantization_metadata` header), read by ComfyUI's own UNETLoader. Every FP8 layer of
+the model is written, whoever made it: ours, or the host's own (a stock loader on an FP8 file,
+see host_fp8.py). Written atomically under the output folder with a fresh counter: never overwrites.
 """
 
 from __future__ import annotations
@@ -14,37 +15,45 @@ import comfy.model_management
 import folder_paths
 import torch
 
-from ..quant.checkpoint import save_quantized
-from ..quant.formats import dequantize_weight, format_name, quantize_weight
+from ..quant.checkpoint import LAYOUTS, save_quantized, to_stock_layout
+from ..quant.formats import format_name, is_fp8
+from ..quant.policy import UNIT_SCALE_TENSORS
 from .common import CATEGORY, INFO_KEY, PACK_VERSION
+from .host_fp8 import fp8_weight
+from .patching import SCALE_SUFFIXES
 
 
-def fp8_state_dict(model, layout: str = "auto") -> tuple[dict, dict[str, str], list[str]]:
+def _sixteen_bit(tensor: torch.Tensor) -> torch.Tensor:
+    """16-bit like the official files (--cpu upcasts on load); an unscaled float8 tensor (a legacy file's bias,
+    a cast model's norm) widens exactly."""
+    return tensor.to(torch.float16) if tensor.dtype == torch.float32 or is_fp8(tensor) else tensor
+
+
+def fp8_state_dict(model, layout: str = "stock_compatible") -> tuple[dict, dict[str, str], list[str]]:
     """The diffusion model's tensors in the native layout, with LoRA/patches merged as ComfyUI's ModelSave does."""
     comfy.model_management.load_models_gpu([model], force_patch_weights=True)
     dm = model.model.diffusion_model
-    layer_formats = {name: format_name(m.weight.dtype) for name, m in dm.named_modules()
-                     if getattr(m, "weight_scale", None) is not None}
-    notes = []
-    sd = {}
-    for key, tensor in dm.state_dict().items():
-        tensor = tensor.detach().to("cpu")
-        if tensor.dtype == torch.float32 and not key.endswith("weight_scale"):
-            tensor = tensor.to(torch.float16)  # 16-bit like the official files; --cpu upcasts on load
-        sd[key] = tensor
+    sd: dict[str, torch.Tensor] = {}
+    layer_formats: dict[str, str] = {}
+    for module_name, module in dm.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        held = fp8_weight(module, module_name) if getattr(module, "weight", None) is not None else None
+        if held is not None and len(held[0].shape) == 2:
+            qdata, scale = held
+            sd[prefix + "weight"], sd[prefix + "weight_scale"] = qdata.detach().cpu(), scale.cpu()
+            layer_formats[module_name] = format_name(qdata.dtype)
+        tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        for name, tensor in tensors:
+            if tensor is None or (held is not None and (name == "weight" or ("." + name).endswith(SCALE_SUFFIXES))):
+                continue
+            key = prefix + name
+            tensor = tensor.detach().cpu()
+            sd[key] = tensor if key in UNIT_SCALE_TENSORS and is_fp8(tensor) else _sixteen_bit(tensor)
     if layout == "stock_compatible":
-        rewritten = 0
-        for layer, fmt in list(layer_formats.items()):
-            scale = sd[f"{layer}.weight_scale"]
-            if scale.numel() > 1 or fmt != "float8_e4m3fn":
-                real = dequantize_weight(sd[f"{layer}.weight"], scale, torch.float32)
-                sd[f"{layer}.weight"], sd[f"{layer}.weight_scale"] = quantize_weight(real, "float8_e4m3fn",
-                                                                                     "per_tensor", name=layer)
-                layer_formats[layer] = "float8_e4m3fn"
-                rewritten += 1
-        notes.append(f"stock_compatible: {rewritten} layer(s) rewritten to per-tensor float8_e4m3fn")
+        rewritten = to_stock_layout(sd, layer_formats)
+        notes = [f"stock_compatible: per-tensor float8_e4m3fn ({rewritten} layer(s) re-scaled)"]
     else:
-        notes.append("auto: kept the model's own scales")
+        notes = ["auto: kept the model's own scales"]
     return sd, layer_formats, notes
 
 
@@ -68,17 +77,19 @@ class SD35FP8SaveModel:
             },
             "optional": {
                 "layout": (["auto", "stock_compatible"], {
-                    "default": "auto",
-                    "tooltip": "auto: keep the model's scales (per-channel where it has them; read by ComfyUI 0.3.75 "
-                               "and this pack). stock_compatible: rewrite to per-tensor float8_e4m3fn scales, the "
-                               "form every ComfyUI with mixed-precision support reads, at slightly higher error.",
+                    "default": "stock_compatible",
+                    "tooltip": "stock_compatible (default): one float8_e4m3fn scale per layer, the form every "
+                               "ComfyUI with mixed-precision support runs natively (0.8+ on FP8 GPUs included), at "
+                               "slightly higher error than per-channel. auto: keep the model's own scales "
+                               "(per-channel where it has them): read by this pack's loaders and ComfyUI 0.3.75; "
+                               "ComfyUI 0.8 reads them on CPUs and CUDA 12 builds only.",
                 }),
             },
         }
 
-    def save(self, model, filename_prefix, layout="auto"):
-        if layout not in ("auto", "stock_compatible"):
-            raise ValueError(f"layout: {layout!r} is not one of ['auto', 'stock_compatible']")
+    def save(self, model, filename_prefix, layout="stock_compatible"):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout: {layout!r} is not one of {sorted(LAYOUTS)}")
         output_dir = folder_paths.get_output_directory()
         inside = os.path.abspath(output_dir)
         target = os.path.abspath(os.path.join(inside, os.path.normpath(filename_prefix)))

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .formats import format_name, is_fp8
+from .formats import dequantize_weight, format_name, is_fp8, quantize_weight
 
 QUANT_METADATA_KEY = "_quantization_metadata"
 LEGACY_MARKER = "scaled_fp8"
@@ -127,17 +127,46 @@ def _entry_problem(entry: object, data_size: int) -> str | None:
     return None
 
 
+# What every layer we write says besides its format. ComfyUI 0.8.0 would otherwise run an FP8 layer on an FP8
+# GPU as FP8 x FP8 with the activation scaled by 1.0 (values beyond +-448 clip) and needs per-tensor e4m3 for
+# it; marked, it dequantizes the weight and multiplies in 16-bit, as our weight_only path does. The bench's
+# stock-path table (README, "Files for stock ComfyUI") measured the choice. ComfyUI 0.3.75 reads only "format".
+LAYER_MARKING = {"full_precision_matrix_mult": True}
+
+
 def quantization_metadata(layer_formats: dict[str, str], model_prefix: str = "") -> str:
     """The `_quantization_metadata` header value, in the dict form ComfyUI's loader calls .get() on.
 
-    ComfyUI 0.3.75 matches layer names relative to the diffusion model; newer releases turn each entry
-    into a `<name>.comfy_quant` tensor beside the full state-dict key. In all-in-one files (`model_prefix`
-    set) both spellings are listed, so each version finds its own and ignores the other.
+    ComfyUI 0.3.75 matches layer names relative to the diffusion model; 0.8.0 turns each entry into a
+    `<name>.comfy_quant` tensor beside the full state-dict key. In all-in-one files (`model_prefix` set) both
+    spellings are listed, so each version finds its own (0.8.0 leaves the relative ones unused, 0.3.75 the
+    prefixed ones); diffusion-model-only files need only one.
     """
-    layers = {name: {"format": fmt} for name, fmt in sorted(layer_formats.items())}
+    layers = {name: {"format": fmt, **LAYER_MARKING} for name, fmt in sorted(layer_formats.items())}
     if model_prefix:
-        layers.update({model_prefix + name: {"format": fmt} for name, fmt in sorted(layer_formats.items())})
+        layers.update({model_prefix + name: {"format": fmt, **LAYER_MARKING}
+                       for name, fmt in sorted(layer_formats.items())})
     return json.dumps({"format_version": "1.0", "layers": layers})
+
+
+STOCK_FORMAT = "float8_e4m3fn"
+LAYOUTS = ("stock_compatible", "auto")
+
+
+def to_stock_layout(sd: dict[str, torch.Tensor], layer_formats: dict[str, str], model_prefix: str = "") -> int:
+    """Rewrite in place each FP8 layer that stock ComfyUI 0.8.0 cannot run natively (a per-channel scale, or
+    e5m2) to one per-tensor float8_e4m3fn scale; returns how many were rewritten. Layers already per-tensor
+    e4m3 keep their bits."""
+    rewritten = 0
+    for layer, fmt in layer_formats.items():
+        weight_key, scale_key = f"{model_prefix}{layer}.weight", f"{model_prefix}{layer}.weight_scale"
+        if fmt == STOCK_FORMAT and sd[scale_key].numel() == 1:
+            continue
+        real = dequantize_weight(sd[weight_key], sd[scale_key], torch.float32)
+        sd[weight_key], sd[scale_key] = quantize_weight(real, STOCK_FORMAT, "per_tensor", name=layer)
+        layer_formats[layer] = STOCK_FORMAT
+        rewritten += 1
+    return rewritten
 
 
 def save_quantized(path: str | os.PathLike, sd: dict[str, torch.Tensor], layer_formats: dict[str, str],

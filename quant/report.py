@@ -26,6 +26,10 @@ class LayerReport:
             raise ValueError(f"action must be one of {ACTIONS}, got {self.action!r}")
 
 
+def _already_fp8(layer: LayerReport) -> bool:
+    return layer.action == "kept" and len(layer.shape) == 2 and "float8" in layer.dtype_after
+
+
 @dataclass
 class Report:
     layers: list[LayerReport] = field(default_factory=list)
@@ -58,6 +62,11 @@ class Report:
         return len(self._of("fp8"))
 
     @property
+    def n_already_fp8(self) -> int:
+        """Layers that arrived in FP8 (a scaled FP8 file, a host's FP8 layer) and were passed through."""
+        return sum(1 for layer in self._of("kept") if _already_fp8(layer))
+
+    @property
     def n_protected(self) -> int:
         return len(self._of("protected"))
 
@@ -78,7 +87,8 @@ class Report:
 
     def summary(self) -> str:
         mb = 1024 * 1024
-        return (f"{self.n_fp8} fp8, {self.n_protected} protected; "
+        already = f"{self.n_already_fp8} already fp8, " if self.n_already_fp8 else ""
+        return (f"{self.n_fp8} fp8, {already}{self.n_protected} protected; "
                 f"{self.bytes_before / mb:.1f} MB -> {self.bytes_after / mb:.1f} MB ({self.ratio:.3f}x)")
 
     def to_text(self, max_layers: int | None = None) -> str:
@@ -92,7 +102,8 @@ class Report:
         ]
         lines += [f"warning: {w}" for w in self.warnings]
         lines.append("name | shape | before -> after | bytes | rel_error | action")
-        listed = [layer for layer in self.layers if layer.action in ("fp8", "protected")]
+        listed = [layer for layer in self.layers
+                  if layer.action in ("fp8", "protected") or _already_fp8(layer)]
         for layer in listed[:max_layers]:
             err = f"{layer.rel_error:.4f}" if layer.rel_error is not None else "-"
             shape = "x".join(str(d) for d in layer.shape)
@@ -107,6 +118,7 @@ class Report:
         return {
             "rule": self.rule, "fp8_format": self.fp8_format, "scaling": self.scaling, "backend": self.backend,
             "warnings": list(self.warnings), "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
-            "ratio": self.ratio, "n_fp8": self.n_fp8, "n_protected": self.n_protected,
+            "ratio": self.ratio, "n_fp8": self.n_fp8, "n_already_fp8": self.n_already_fp8,
+            "n_protected": self.n_protected,
             "layers": [asdict(layer) for layer in self.layers],
         }

@@ -1,13 +1,15 @@
 """Shared fixtures: the pinned ComfyUI host, its base folder, the tiny SD3.5 checkpoints.
 
 The host is booted once per test session (ComfyUI keeps its settings in module
-globals); each session gets a fresh temporary base folder for models, input and
-output, with this repo linked into custom_nodes/.
+globals): COMFY_HOST picks the version (0.3.75 or 0.8.0), COMFY_FP8_DEVICE=1 boots it
+with --supports-fp8-compute (`make test` runs each). Each session gets a fresh temporary
+base folder for models, input and output, with this repo linked into custom_nodes/.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,18 +25,37 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import comfy_host  # noqa: E402
 
+HOST = comfy_host.host_version()
+comfy_host.activate_overlay(CACHE, HOST)  # before anything imports the host's packages
+
+
+def pytest_report_header(config) -> str:
+    return f"host: {comfy_host.host_label()}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failure names the host it failed on (make test runs the suite on each)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.append(("host", comfy_host.host_label()))
+        report.nodeid = f"{report.nodeid} [{comfy_host.host_label()}]"
+
 
 @pytest.fixture(scope="session")
 def comfy_dir() -> Path:
-    return comfy_host.materialise(CACHE)
+    return comfy_host.materialise(CACHE, HOST)
 
 
 @pytest.fixture(scope="session")
-def fixture_files(comfy_dir: Path) -> dict:
-    """Build (or reuse) the tiny checkpoints; returns {name: path} plus the manifest."""
+def fixture_files() -> dict:
+    """Build (or reuse) the tiny checkpoints; returns {name: path} plus the manifest. They are data: one host
+    (the first) builds them for every host's run."""
     out = CACHE / "fixtures"
-    subprocess.run([sys.executable, str(REPO / "tools" / "tiny_sd35.py"), "--comfy", str(comfy_dir), "--out", str(out)],
-                   check=True, stdout=subprocess.DEVNULL)
+    builder = comfy_host.materialise(CACHE, comfy_host.HOSTS[0])
+    subprocess.run([sys.executable, str(REPO / "tools" / "tiny_sd35.py"), "--comfy", str(builder), "--out", str(out)],
+                   check=True, stdout=subprocess.DEVNULL, env={**os.environ, "COMFY_FP8_DEVICE": ""})
     manifest = json.loads((out / "manifest.json").read_text())
     files = {"dir": out, "manifest": manifest}
     for variant, entry in manifest["files"].items():

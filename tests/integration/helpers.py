@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -10,7 +13,10 @@ FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 def _unload_all() -> None:
     import comfy.model_management  # only importable once the host is booted
 
-    comfy.model_management.unload_all_models()
+    # in inference mode, as ComfyUI runs every node: ComfyUI 0.8.0's mixed-precision layers re-wrap their
+    # QuantizedTensor weights when moved, and outside it they come back unusable in inference mode
+    with torch.inference_mode():
+        comfy.model_management.unload_all_models()
 
 
 def effective_linears(model) -> dict[str, torch.nn.Module]:
@@ -37,3 +43,29 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 def same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def host_quantized_layers(model) -> set[str]:
+    """Layers the host's own mixed-precision ops hold as its QuantizedTensor (both hosts have comfy.quant_ops;
+    ComfyUI 0.3.75 listed them in model_config.layer_quant_config, 0.8.0 has no such list)."""
+    from comfy.quant_ops import QuantizedTensor
+
+    _unload_all()
+    return {name for name, module in model.model.diffusion_model.named_modules()
+            if isinstance(getattr(module, "weight", None), QuantizedTensor)}
+
+
+def write_legacy_scaled_fp8(source: Path, path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """An older-ComfyUI scaled_fp8 file from a 16-bit one: marker tensor, per-tensor float32 `scale_weight` on
+    the joint blocks' Linear weights (as ComfyUI distributes them, the rest stays 16-bit). Returns its tensors."""
+    sd = load_file(str(source))
+    legacy = {f"{prefix}scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for key, tensor in sd.items():
+        if key.startswith(f"{prefix}joint_blocks.") and key.endswith(".weight") and tensor.dim() == 2:
+            scale = tensor.float().abs().max() / 448
+            legacy[key] = (tensor.float() / scale).to(torch.float8_e4m3fn)
+            legacy[key[: -len(".weight")] + ".scale_weight"] = scale.reshape(())
+        else:
+            legacy[key] = tensor
+    save_file(legacy, str(path))
+    return legacy

@@ -5,9 +5,8 @@ from __future__ import annotations
 import comfy_host
 import pytest
 import torch
-from helpers import fp8_layers
+from helpers import fp8_layers, host_quantized_layers, write_legacy_scaled_fp8
 from prompts import decode_and_preview, encode, ksampler
-from safetensors.torch import load_file, save_file
 from tiny_sd35 import build_mmdit
 
 
@@ -35,17 +34,8 @@ def test_auto_detects_full_size_architectures_on_meta(comfy_nodes, pack, variant
 
 def test_legacy_scaled_fp8_file_loads_through_our_loader(runner, comfy_base, fixture_files, tmp_path):
     """An older-ComfyUI scaled_fp8 diffusion model: marker tensor, per-tensor scale_weight, fp8 biases."""
-    sd = load_file(str(fixture_files["large_transformer"]))
-    legacy = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
-    for key, tensor in sd.items():
-        if key.startswith("joint_blocks.") and key.endswith(".weight") and tensor.dim() == 2:
-            scale = tensor.float().abs().max() / 448
-            legacy[key] = (tensor.float() / scale).to(torch.float8_e4m3fn)
-            legacy[key[: -len(".weight")] + ".scale_weight"] = scale.reshape(())
-        else:
-            legacy[key] = tensor
     path = tmp_path / "tiny_sd35_large_scaled_fp8.safetensors"
-    save_file(legacy, str(path))
+    legacy = write_legacy_scaled_fp8(fixture_files["large_transformer"], path)
     name = comfy_host.link_model(comfy_base, "diffusion_models", path)
     import folder_paths
 
@@ -92,7 +82,7 @@ def test_cli_converted_checkpoint_loads_with_stock_checkpoint_loader(runner, com
     prompt.update(decode_and_preview(["ks_ours", 0], ["ck", 2], "ours"))
     runner.run(prompt)
     stock_model = runner.node_outputs("stock8")[0]
-    quantized = stock_model.model.model_config.layer_quant_config
-    assert "joint_blocks.0.x_block.attn.qkv" in quantized  # 0.3.75 read the relative names
+    # the host's own mixed-precision ops read the layers (0.3.75 by their relative names, 0.8.0 by the prefixed)
+    assert "joint_blocks.0.x_block.attn.qkv" in host_quantized_layers(stock_model)
     stock, ours = runner.node_outputs("ks_stock")[0]["samples"], runner.node_outputs("ks_ours")[0]["samples"]
     assert float((stock - ours).norm() / ours.norm()) < 1e-2

@@ -18,9 +18,22 @@ CONTRACT_IDS = {
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_host_is_pinned_comfyui(comfy_dir):
-    assert (comfy_dir / "comfyui_version.py").read_text().count('"0.3.75"') == 1
+FRONTENDS = {"0.3.75": "1.32.9", "0.8.0": "1.35.9"}  # each host's own pinned frontend
+
+
+def test_host_is_pinned_comfyui(comfy_dir, comfy_nodes):
+    import comfy.model_management
+    import comfyui_frontend_package
+    import comfyui_version
+
+    assert comfyui_version.__version__ == comfy_host.host_version()
+    assert Path(comfyui_version.__file__).resolve().parent == comfy_dir.resolve()
     assert not (comfy_dir / "extra_model_paths.yaml").exists()
+    frontend = Path(comfyui_frontend_package.__file__).resolve().parent.parent
+    assert any(p.name == f"comfyui_frontend_package-{FRONTENDS[comfy_host.host_version()]}.dist-info"
+               for p in frontend.iterdir())
+    # FP8-device mode: the host takes the decisions of an FP8 GPU; otherwise those of the CPU it runs on
+    assert comfy.model_management.supports_fp8_compute() is comfy_host.fp8_device_mode()
 
 
 def test_pack_loads_with_all_nodes(comfy_nodes):

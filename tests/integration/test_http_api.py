@@ -109,7 +109,7 @@ def execution_error(entry: dict) -> str:
 def assert_healthy(server: comfy_host.ServerProcess) -> None:
     assert server.proc.poll() is None, "the server process died"
     status, stats = http(server.url + "/system_stats")
-    assert status == 200 and stats["system"]["comfyui_version"] == "0.3.75"
+    assert status == 200 and stats["system"]["comfyui_version"] == comfy_host.host_version()
     status, queue = http(server.url + "/queue")
     assert status == 200 and queue == {"queue_running": [], "queue_pending": []}, queue
 
