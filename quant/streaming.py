@@ -10,20 +10,22 @@ goes), so both give bit-identical results.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
-from .checkpoint import LEGACY_MARKER, SAFETENSORS_DTYPES, check_safetensors
+from .checkpoint import LEGACY_MARKER, QUANT_METADATA_KEY, SAFETENSORS_DTYPES, check_safetensors
 from .config import QuantConfig
-from .formats import format_name, is_fp8, quantize_weight_with_error
+from .formats import FP8_DTYPES, format_name, is_fp8, quantize_weight_with_error
 from .policy import ProtectionPolicy, resolve_policy
 from .quantize import quantize_table
 from .report import LayerReport, Report
 
 Progress = Callable[[int, int], None]
+QUANT_ENTRY_SUFFIX = ".comfy_quant"  # ComfyUI 0.8.0's per-layer quantization entry (JSON in a uint8 tensor)
 
 # Text-encoder prefixes in SD3.5 all-in-one checkpoints, and which `text_encoders` choice quantizes them.
 TEXT_ENCODER_PREFIXES = {
@@ -95,6 +97,9 @@ class _Quantizer:
             yield key, tensor
             yield key[: -len(".weight")] + ".weight_scale", scale.float()
             return
+        if quantize and not tensor.is_floating_point():
+            raise UnsupportedQuantFormat(f"{key} is {tensor.dtype}: packed quantized data, not a weight this pack "
+                                         "can quantize. Load this file with ComfyUI's own loader")
         if quantize:
             qweight, scale, err = quantize_weight_with_error(tensor, self.config.fp8_format, self.config.scaling,
                                                              name=name)
@@ -120,6 +125,38 @@ class _Quantizer:
         return self.report
 
 
+class UnsupportedQuantFormat(ValueError):
+    """A layer stored in a quantized format other than scaled FP8 (nvfp4, mxfp8, int8, ...)."""
+
+
+def _declared_formats(metadata: Mapping[str, str], quant_entries: Mapping[str, bytes]) -> dict[str, str]:
+    """{layer: format} that a file declares: its `_quantization_metadata` header (values are dicts, or bare
+    strings as ComfyUI's QUANTIZATION.md shows them) and ComfyUI 0.8.0's per-layer `<layer>.comfy_quant` tensors."""
+    declared: dict[str, str] = {}
+    raw = metadata.get(QUANT_METADATA_KEY)
+    if raw is not None:
+        try:
+            layers = json.loads(raw).get("layers", {})
+        except (ValueError, AttributeError):
+            raise ValueError(f"the {QUANT_METADATA_KEY} header is not JSON with a 'layers' table") from None
+        declared.update({name: str(v.get("format") if isinstance(v, dict) else v) for name, v in layers.items()})
+    for layer, blob in quant_entries.items():
+        try:
+            declared[layer] = str(json.loads(blob).get("format"))
+        except (ValueError, AttributeError):
+            raise ValueError(f"{layer}.comfy_quant is not a JSON quantization entry") from None
+    return declared
+
+
+def _refuse_unknown_formats(declared: Mapping[str, str]) -> None:
+    """Packed formats are never read as floats (that would re-quantize their bytes): refuse, naming the layer."""
+    for layer, fmt in sorted(declared.items()):
+        if fmt not in FP8_DTYPES:
+            raise UnsupportedQuantFormat(
+                f"{layer} is stored as {fmt!r}, a quantized format this pack does not read (it reads float8_e4m3fn "
+                "and float8_e5m2 layers). Load this file with ComfyUI's own loader, or quantize a 16-bit file")
+
+
 def _diffusion_shapes(shapes: Mapping[str, tuple[int, ...]], model_prefix: str) -> dict[str, tuple[int, ...]]:
     return {k[len(model_prefix):]: s for k, s in shapes.items() if k.startswith(model_prefix)}
 
@@ -135,10 +172,13 @@ def _check_text_encoders(text_encoders: str | None) -> tuple[str, ...]:
 def _quantize_all(keys: list[str], shapes: Mapping[str, tuple[int, ...]], take: Callable[[str], torch.Tensor],
                   peek: Callable[[str], torch.Tensor], config: QuantConfig, model_prefix: str,
                   text_encoders: str | None, progress: Progress | None, hint: str,
-                  keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                  keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t, metadata: Mapping[str, str] = {},
                   ) -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
-    """Both entry points: `take` yields each tensor once (read or popped), `peek` fetches a scale by key,
-    `keep` makes an output tensor safe to hold (the reader's scratch buffer is reused for the next key)."""
+    """Both entry points: `take` yields each tensor once (read or popped), `peek` fetches a tensor by key (scales,
+    quantization entries), `keep` makes an output tensor safe to hold (the reader's scratch buffer is reused)."""
+    entries = {k[: -len(QUANT_ENTRY_SUFFIX)]: peek(k).numpy().tobytes() for k in keys if k.endswith(QUANT_ENTRY_SUFFIX)}
+    _refuse_unknown_formats(_declared_formats(metadata, entries))
+    keys = [k for k in keys if not k.endswith(QUANT_ENTRY_SUFFIX)]  # we write our own metadata
     if model_prefix and not any(k.startswith(model_prefix) for k in shapes):
         model_prefix = ""
     policy = resolve_policy(config, _diffusion_shapes(shapes, model_prefix), hint)
@@ -178,7 +218,7 @@ def quantize_safetensors_stream(path: str | os.PathLike, config: QuantConfig, *,
     with open(path, "rb") as f:
         reader = _TensorReader(f, header, str(path))
         return _quantize_all(keys, shapes, reader.read_scratch, reader.read, config, model_prefix, text_encoders,
-                             progress, hint, keep=reader.keep)
+                             progress, hint, keep=reader.keep, metadata=metadata)
 
 
 class _TensorReader:
@@ -235,6 +275,6 @@ def quantize_state_dict(sd: dict[str, torch.Tensor], config: QuantConfig, *, mod
                         hint: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
     """The in-memory twin of `quantize_safetensors_stream`. Consumes `sd` (pops each tensor once done)."""
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    scales = {k: v for k, v in sd.items() if k.endswith((".weight_scale", ".scale_weight"))}
+    scales = {k: v for k, v in sd.items() if k.endswith((".weight_scale", ".scale_weight", QUANT_ENTRY_SUFFIX))}
     return _quantize_all(list(sd), shapes, sd.pop, scales.__getitem__, config, model_prefix, text_encoders,
                          progress, hint)

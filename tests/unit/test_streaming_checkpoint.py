@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -67,7 +68,8 @@ def test_save_load_round_trip_is_bit_exact(fixture_files, tmp_path):
     loaded, loaded_formats, metadata = load_quantized(path)
     assert _same(sd, loaded) and loaded_formats == formats and metadata["sd35_fp8.preset"] == "auto"
     layers = json.loads(metadata["_quantization_metadata"])["layers"]
-    assert layers["joint_blocks.0.x_block.attn.qkv"] == {"format": "float8_e4m3fn"}  # the dict form loads
+    # the dict form loads; the marking keeps ComfyUI 0.8.0 off FP8 x FP8 with unscaled activations
+    assert layers["joint_blocks.0.x_block.attn.qkv"] == {"format": "float8_e4m3fn", "full_precision_matrix_mult": True}
     info = inspect_file(path)
     assert info["layout"] == "native" and info["fp8_layers"] == len(formats) == info["per_channel_layers"]
 
@@ -163,3 +165,53 @@ def test_already_fp8_file_is_passed_through(fixture_files, tmp_path):
     assert any("already" in w for w in report.warnings)
     with safe_open(str(path), "pt") as f:
         assert "_quantization_metadata" in f.metadata()
+
+
+def _packed_file(source, tmp_path, how: str):
+    """A diffusion model whose first qkv layer is in a packed format ComfyUI 0.8.0 knows and we do not."""
+    sd = load_file(str(source))
+    layer = "joint_blocks.0.x_block.attn.qkv"
+    out_f, in_f = sd[f"{layer}.weight"].shape
+    sd[f"{layer}.weight"] = torch.randint(0, 255, (out_f, in_f // 2), dtype=torch.uint8)  # two fp4 codes a byte
+    sd[f"{layer}.weight_scale"] = torch.ones(out_f, in_f // 16).to(torch.float8_e4m3fn)
+    sd[f"{layer}.weight_scale_2"] = torch.tensor(1.0)
+    metadata = {}
+    if how == "header":
+        metadata["_quantization_metadata"] = json.dumps({"format_version": "1.0",
+                                                         "layers": {layer: {"format": "nvfp4"}}})
+    elif how == "comfy_quant":  # as ComfyUI 0.8.0's ModelSave writes it
+        sd[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": "mxfp8"}).encode()), dtype=torch.uint8)
+    path = tmp_path / f"packed_{how}.safetensors"
+    save_file(sd, str(path), metadata=metadata)
+    return path, layer, {"header": "nvfp4", "comfy_quant": "mxfp8", "undeclared": "torch.uint8"}[how]
+
+
+@pytest.mark.parametrize("how", ["header", "comfy_quant", "undeclared"])
+def test_packed_quantized_layers_are_refused_naming_layer_and_format(tmp_path, fixture_files, how):
+    from quant.streaming import UnsupportedQuantFormat
+
+    path, layer, fmt = _packed_file(fixture_files["large_transformer"], tmp_path, how)
+    named = re.escape(repr(fmt) if how != "undeclared" else fmt)
+    with pytest.raises(UnsupportedQuantFormat, match=rf"{layer}.* {named}"):
+        quantize_safetensors_stream(path, QuantConfig())
+    sd = load_file(str(path))
+    with pytest.raises(UnsupportedQuantFormat, match=layer):
+        quantize_state_dict(sd, QuantConfig())
+
+
+def test_declared_fp8_layers_and_their_entries_load(tmp_path, fixture_files):
+    """A 0.8.0-saved file: float8 layers with `.comfy_quant` entries load; the entries are not passed on."""
+    sd = load_file(str(fixture_files["large_transformer"]))
+    layer = "joint_blocks.0.x_block.attn.qkv"
+    weight = sd[f"{layer}.weight"].float()
+    scale = weight.abs().max() / 448
+    sd[f"{layer}.weight"] = (weight / scale).to(torch.float8_e4m3fn)
+    sd[f"{layer}.weight_scale"] = scale.reshape(())
+    sd[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn",
+                                                               "full_precision_matrix_mult": True}).encode()),
+                                              dtype=torch.uint8)
+    path = tmp_path / "comfy_saved.safetensors"
+    save_file(sd, str(path))
+    out, formats, report = quantize_safetensors_stream(path, QuantConfig())
+    assert formats[layer] == "float8_e4m3fn" and torch.equal(out[f"{layer}.weight_scale"], scale.reshape(()))
+    assert not [k for k in out if k.endswith(".comfy_quant")] and report.n_already_fp8 == 1
