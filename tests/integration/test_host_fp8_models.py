@@ -56,7 +56,8 @@ def test_stock_loaded_scaled_fp8_model_is_reported_and_saved_as_fp8(runner, comf
         layers = json.loads(f.metadata()["_quantization_metadata"])["layers"]
         for key in fp8_keys:  # passed through: the same bits and the same scale, in our layout
             assert layers[key]["format"] == "float8_e4m3fn"
-            assert torch.equal(f.get_tensor(f"{key}.weight").view(torch.uint8), legacy[f"{key}.weight"].view(torch.uint8))
+            saved, source = f.get_tensor(f"{key}.weight"), legacy[f"{key}.weight"]
+            assert torch.equal(saved.view(torch.uint8), source.view(torch.uint8))
             assert torch.equal(f.get_tensor(f"{key}.weight_scale"), legacy[f"{key}.scale_weight"])
         assert not [k for k in f.keys() if k.endswith((".scale_weight", ".comfy_quant", "scaled_fp8"))]
         assert len(layers) == held
