@@ -10,18 +10,28 @@ ComfyUI's conventions:
   weights (see comfy/ops.py scaled_fp8_ops): patches are applied to the dequantized
   weight and re-quantized with the layer's existing scale, which ModelPatcher's backup
   never restores, so the scale must never change;
+- a layer offloaded in low-VRAM mode gets its LoRA as `weight_function` patches at run time:
+  they are applied to the dequantized weight, which is then used as it is (ComfyUI 0.8.0's
+  LowVramPatch expects a real weight; 0.3.75's would re-quantize it on the way);
+- whatever dtype ComfyUI picks for the model (`unet_dtype()` picks float8 for a mostly-FP8
+  state dict on FP8 GPUs and small cards), a layer that arrives 16-bit stays 16-bit: a plain
+  float8 cast of a protected layer or a bias is the damage the pack exists to avoid;
 - a fresh class per load (`make_fp8_ops`), so one model's settings never leak to another.
 """
 
 from __future__ import annotations
 
+import comfy.lora
 import comfy.model_management
+import comfy.model_patcher
 import comfy.ops
 import torch
 
-from ..quant.formats import dequantize_weight, format_name, is_fp8, quantize_with_scale
+from ..quant.formats import FP8_DTYPES, dequantize_weight, format_name, is_fp8, quantize_with_scale
 from ..quant.hardware import resolve_compute
 from ..quant.linear import fp8_linear, store_weight
+
+FLOAT8_DTYPES = frozenset(FP8_DTYPES.values())
 
 
 def make_fp8_ops(compute: str = "auto") -> type:
@@ -69,14 +79,17 @@ def make_fp8_ops(compute: str = "auto") -> type:
                     self.weight = torch.nn.Parameter(weight.to(device), requires_grad=False)
                     self.weight_scale = torch.nn.Parameter(scale.to(device, torch.float32), requires_grad=False)
                 else:
-                    dtype = self.target_dtype or weight.dtype
-                    self.weight = torch.nn.Parameter(weight.to(device, dtype), requires_grad=False)
+                    self.weight = torch.nn.Parameter(weight.to(device, self._wide_dtype(weight)), requires_grad=False)
                 if self.bias is not None:
                     if bias is None:
                         missing_keys.append(prefix + "bias")
                     else:
-                        dtype = self.target_dtype or bias.dtype
-                        self.bias = torch.nn.Parameter(bias.to(device, dtype), requires_grad=False)
+                        self.bias = torch.nn.Parameter(bias.to(device, self._wide_dtype(bias)), requires_grad=False)
+
+            def _wide_dtype(self, tensor: torch.Tensor) -> torch.dtype:
+                """The model's dtype, unless it is a float8 (never a plain cast): then the tensor's own."""
+                dtype = self.target_dtype or tensor.dtype
+                return tensor.dtype if dtype in FLOAT8_DTYPES else dtype
 
             def compute_for(self, device: torch.device) -> str:
                 key = str(device)
@@ -89,22 +102,25 @@ def make_fp8_ops(compute: str = "auto") -> type:
                     return super().forward(x, *args, **kwargs)
                 comfy.ops.run_every_op()
                 weight = self.weight.to(x.device, non_blocking=True)
-                for patch in self.weight_function:  # LoRA on a low-VRAM offloaded layer: fp8 in, fp8 out
-                    weight = patch(weight)
+                scale = self.weight_scale.to(x.device, non_blocking=True)
                 bias = None
                 if self.bias is not None:
                     bias = self.bias.to(x.device, x.dtype, non_blocking=True)
                     for patch in self.bias_function:
                         bias = patch(bias)
-                scale = self.weight_scale.to(x.device, non_blocking=True)
+                if self.weight_function:  # LoRA on a low-VRAM offloaded layer: patch the real weight, then use it
+                    real = dequantize_weight(weight, scale, torch.float32)
+                    for patch in self.weight_function:
+                        real = _apply_weight_patch(patch, real)
+                    return torch.nn.functional.linear(x, real.to(x.dtype), bias)
                 return fp8_linear(x, weight, scale, bias, self.compute_for(x.device))
 
             def convert_weight(self, weight, inplace=False, **kwargs):
                 if not self.is_fp8:
                     return weight
                 scale = self.weight_scale.to(weight.device)
-                if inplace and weight.is_floating_point() and not is_fp8(weight):
-                    return weight.mul_(scale.to(weight.dtype))
+                if inplace and weight.dtype == torch.float32:
+                    return weight.mul_(scale)  # float32: a small scale would underflow in float16
                 return dequantize_weight(weight, scale, torch.float32)
 
             def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
@@ -123,6 +139,16 @@ def make_fp8_ops(compute: str = "auto") -> type:
                 return f"{dims}, {kind}, compute={self.compute}"
 
     return FP8Ops
+
+
+def _apply_weight_patch(patch, weight: torch.Tensor) -> torch.Tensor:
+    """One run-time weight patch on a real (dequantized, float32) weight. ComfyUI's LowVramPatch is computed
+    here from its patches, as ComfyUI 0.8.0 does: 0.3.75's would push the weight through convert_weight (which
+    expects stored FP8 values) and set_weight first. Other callables get the real weight, as ComfyUI's
+    cast_bias_weight gives them."""
+    if isinstance(patch, comfy.model_patcher.LowVramPatch):
+        return comfy.lora.calculate_weight(patch.patches[patch.key], weight, patch.key, intermediate_dtype=weight.dtype)
+    return patch(weight)
 
 
 def fp8_linear_from(ops: type, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,

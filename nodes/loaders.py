@@ -15,13 +15,14 @@ import comfy.model_management
 import comfy.sd
 import comfy.utils
 import folder_paths
+import torch
 from safetensors import safe_open
 
 from ..quant.checkpoint import QUANT_METADATA_KEY, refuse_pickle
 from ..quant.config import QuantConfig
 from ..quant.streaming import quantize_safetensors_stream, quantize_state_dict
 from .common import CATEGORY, FP8_FORMAT_OR_DISABLED, PROTECT_PATTERNS, quant_inputs, record_info
-from .fp8_ops import check_compute_supported, make_fp8_ops
+from .fp8_ops import FLOAT8_DTYPES, check_compute_supported, make_fp8_ops
 from .fp8_tables import fp8_tables_in_place
 
 TEXT_ENCODER_FP8 = (["t5xxl_only", "none", "all"], {
@@ -71,6 +72,22 @@ def _model_path(folder: str, name: str, input_name: str) -> str:
     return path
 
 
+def build_options(sd: dict, model_prefix: str) -> dict:
+    """model_options for ComfyUI's loaders: our FP8 ops, and the 16-bit dtype ComfyUI would pick for the model
+    in 16-bit. Left to itself, `unet_dtype()` picks float8 for a mostly-FP8 state dict on FP8 GPUs and on cards
+    with less free memory than 2 bytes a parameter, and would then cast the protected layers, biases, norms and
+    embedders to float8 without a scale."""
+    sizes: dict[torch.dtype, int] = {}
+    for key, tensor in sd.items():
+        if key.startswith(model_prefix) and tensor.is_floating_point() and tensor.dtype not in FLOAT8_DTYPES:
+            sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel()
+    source = max(sizes, key=sizes.get, default=torch.float16)
+    params = comfy.utils.calculate_parameters(sd, model_prefix)
+    dtype = comfy.model_management.unet_dtype(model_params=params, weight_dtype=source,
+                                              supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
+    return {"dtype": source if dtype in FLOAT8_DTYPES else dtype}
+
+
 def _config(fp8_format, scaling, protect_preset, compute, protect_patterns) -> QuantConfig:
     check_compute_supported(compute)
     return QuantConfig(fp8_format=fp8_format, scaling=scaling, protect_preset=protect_preset,
@@ -112,9 +129,10 @@ class SD35FP8CheckpointLoader:
             sd, _, report = quantize_safetensors_stream(path, config, model_prefix="model.diffusion_model.",
                                                         text_encoders=text_encoder_fp8, progress=_progress())
             ops = make_fp8_ops(compute)
+            options = {"custom_operations": ops, **build_options(sd, "model.diffusion_model.")}
             with fp8_tables_in_place(sd, "model.diffusion_model."):
                 model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
-                    sd, embedding_directory=embeddings, model_options={"custom_operations": ops},
+                    sd, embedding_directory=embeddings, model_options=options,
                     te_model_options={"custom_operations": ops}, metadata=_metadata(path))
             if model is None:
                 raise ValueError(f"ckpt_name: {ckpt_name} is not a diffusion model checkpoint ComfyUI recognises")
@@ -209,9 +227,9 @@ class SD35FP8DiffusionModelLoader:
             del raw
             sd, _, report = quantize_state_dict(converted, config, model_prefix="", progress=_progress())
             metadata = {}
+        options = {"custom_operations": make_fp8_ops(compute), **build_options(sd, "")}
         with fp8_tables_in_place(sd, ""):
-            model = comfy.sd.load_diffusion_model_state_dict(sd, metadata=metadata,
-                                                             model_options={"custom_operations": make_fp8_ops(compute)})
+            model = comfy.sd.load_diffusion_model_state_dict(sd, metadata=metadata, model_options=options)
         if model is None:
             raise ValueError(f"model_name: {model_name} is not a diffusion model ComfyUI recognises")
         record_info(model, model_name, report.rule, fp8_format, scaling)

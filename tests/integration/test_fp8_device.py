@@ -1,0 +1,112 @@
+"""What only an FP8 GPU or a small card shows, with the host deciding as on one.
+
+`make test` runs the integration suite on each host twice: as it is (the CPU's decisions) and in
+FP8-device mode (--supports-fp8-compute: `supports_fp8_compute()` is True, so `unet_dtype()` picks
+float8 for a mostly-FP8 state dict). The small-card route (free memory under 2 bytes a parameter)
+is taken here by giving the host a device with almost no memory for weights.
+"""
+
+from __future__ import annotations
+
+import comfy_host
+import pytest
+import torch
+from helpers import FP8, effective_linears, fp8_layers
+from prompts import dm_loader, encode, fp8_loader, ksampler
+
+
+def _wide_everywhere_but_fp8_layers(model) -> None:
+    """Protected layers, biases, norms, embedders stay 16/32-bit; float8 only in FP8 layers and pos_embed."""
+    fp8 = fp8_layers(model)
+    assert fp8, "no FP8 layer"
+    for name, module in effective_linears(model).items():
+        if name not in fp8:
+            assert module.weight.dtype not in FP8, f"protected layer {name} is {module.weight.dtype}"
+        if module.bias is not None:
+            assert module.bias.dtype not in FP8, f"bias of {name} is {module.bias.dtype}"
+    for name, tensor in model.model.diffusion_model.state_dict().items():
+        layer = name.rsplit(".", 1)[0]
+        if layer not in fp8 and name != "pos_embed":
+            assert tensor.dtype not in FP8, f"{name} is {tensor.dtype}"
+    for name in ("context_embedder", "final_layer.linear", "x_embedder.proj"):
+        assert name not in fp8
+
+
+def test_host_mode_is_what_the_run_asked_for(comfy_nodes):
+    import comfy.model_management
+
+    assert comfy.model_management.supports_fp8_compute() is comfy_host.fp8_device_mode()
+    # the decision the loaders must not inherit: a mostly-FP8 model would be built in float8 on this device
+    fp8_pick = comfy.model_management.unet_dtype(model_params=1000, weight_dtype=torch.float8_e4m3fn)
+    assert (fp8_pick == torch.float8_e4m3fn) is comfy_host.fp8_device_mode()
+
+
+@pytest.mark.parametrize("loader", ["checkpoint", "diffusion_model"])
+def test_protected_layers_and_biases_stay_16bit_and_sampling_matches(runner, fixture_files, loader):
+    ckpt = fixture_files["large_all_in_one"].name
+    prompt = {"ck": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}, **encode("ck"),
+              "ld": fp8_loader(ckpt) if loader == "checkpoint" else dm_loader(fixture_files["large_transformer"].name)}
+    prompt["ks8"], prompt["ks16"] = ksampler(["ld", 0]), ksampler(["ck", 0])
+    prompt["o8"] = {"class_type": "PreviewAny", "inputs": {"source": ["ks8", 0]}}
+    prompt["o16"] = {"class_type": "PreviewAny", "inputs": {"source": ["ks16", 0]}}
+    runner.run(prompt)
+    _wide_everywhere_but_fp8_layers(runner.node_outputs("ld")[0])
+    ours, ref = runner.node_outputs("ks8")[0]["samples"], runner.node_outputs("ks16")[0]["samples"]
+    assert torch.isfinite(ours).all() and float((ours - ref).norm() / ref.norm()) < 0.05
+
+
+def test_small_card_route_keeps_protected_layers_16bit(runner, fixture_files, monkeypatch):
+    """A card with less free memory than 2 bytes a parameter: `unet_dtype()` picks float8 there too."""
+    import comfy.model_management
+
+    monkeypatch.setattr(comfy.model_management, "maximum_vram_for_weights", lambda device=None: 1)
+    assert comfy.model_management.unet_dtype(model_params=1000, weight_dtype=torch.float8_e4m3fn) in FP8
+    ckpt = fixture_files["large_all_in_one"].name
+    prompt = {"ld": fp8_loader(ckpt, protect_patterns="# small card"),  # new inputs: not the cached load
+              "o": {"class_type": "PreviewAny", "inputs": {"source": ["ld", 3]}}}
+    runner.run(prompt)
+    _wide_everywhere_but_fp8_layers(runner.node_outputs("ld")[0])
+
+
+def test_lora_on_a_low_vram_offloaded_fp8_layer_is_applied(runner, fixture_files, tiny_lora):
+    """Low-VRAM mode: layers that do not fit get their LoRA at run time (LowVramPatch in weight_function)."""
+    import comfy.model_management
+
+    ckpt = fixture_files["large_all_in_one"].name
+    prompt = {"ld": fp8_loader(ckpt),
+              "lora": {"class_type": "LoraLoaderModelOnly",
+                       "inputs": {"model": ["ld", 0], "lora_name": tiny_lora, "strength_model": 1.0}},
+              "o": {"class_type": "PreviewAny", "inputs": {"source": ["lora", 0]}}}
+    runner.run(prompt)
+    plain, patched = runner.node_outputs("ld")[0], runner.node_outputs("lora")[0]
+    layer = "joint_blocks.0.x_block.mlp.fc1"
+    assert layer in fp8_layers(patched)
+    x = torch.randn(2, 5, effective_linears(patched)[layer].in_features)
+
+    def run(model, lowvram: bool) -> tuple[torch.Tensor, bool]:
+        with torch.inference_mode():
+            comfy.model_management.unload_all_models()
+            device = torch.device("cpu")
+            model.load(device, lowvram_model_memory=1 if lowvram else 0, force_patch_weights=False,
+                       full_load=not lowvram)
+            module = comfy_host_module(model, layer)
+            out = module(x.to(module.weight.device, torch.float32))
+            offloaded = len(module.weight_function) > 0
+            model.detach()
+            return out, offloaded
+
+    merged, offloaded_full = run(patched, lowvram=False)
+    runtime, offloaded_low = run(patched, lowvram=True)
+    without, _ = run(plain, lowvram=True)
+    assert not offloaded_full and offloaded_low, "low-VRAM load did not leave the LoRA to run time"
+    # merged: the LoRA re-quantized into the layer with its own scale (ComfyUI's protocol); run time: exact
+    to_merged, lora_effect = float((runtime - merged).norm()), float((without - merged).norm())
+    print(f"run-time vs merged {to_merged / merged.norm():.4f}, LoRA effect {lora_effect / merged.norm():.4f}")
+    assert to_merged < 0.25 * lora_effect, (to_merged, lora_effect)  # the same LoRA, not dropped
+
+
+def comfy_host_module(model, name: str) -> torch.nn.Module:
+    module = model.model.diffusion_model
+    for part in name.split("."):
+        module = getattr(module, part)
+    return module
