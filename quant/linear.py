@@ -2,13 +2,16 @@
 
 - weight_only: dequantize the weight to the activation dtype, then an ordinary matmul.
   Works everywhere (CPU, Ampere, ROCm; MPS gets the weight dequantized before transfer).
-- fp8_matmul: scale the activation dynamically to float8_e4m3fn (one absmax scale per
-  call) and multiply on FP8 tensor cores with `torch._scaled_mm`. The weight's per-output-
-  channel scale factors out of the product, so it is applied to the output columns: the same
-  result as dequantize-then-matmul up to the activation's own rounding.
+- fp8_matmul: FP8 x FP8 on tensor cores with `torch._scaled_mm`, as CUDA runs it best: each
+  activation row (token) gets its own scale (row-wise: one outlier token does not flatten the
+  others), the weight keeps its per-output-channel scales as the other row-wise operand, and the
+  product comes out directly in the activation dtype. Where `_scaled_mm`'s constraints do not
+  hold (see `scaled_mm_problem`), the layer falls back to weight_only and says so once.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -16,28 +19,56 @@ import torch.nn.functional as F
 from .formats import dequantize_weight, format_name, is_fp8, quantize_weight, quantize_with_scale
 from .hardware import resolve_compute
 
-_E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
+_E4M3 = torch.float8_e4m3fn
+_E4M3_MAX = float(torch.finfo(_E4M3).max)
+# Test-only: let the fp8_matmul path run on the CPU (torch's CPU _scaled_mm takes row-wise float8 scales), so
+# its numerics are checked in CI; devices without FP8 matmul never take the path otherwise.
+RUN_SCALED_MM_ON_CPU = False
+_noted: set[str] = set()
 
 
-def _scaled_mm_ok(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
-    """_scaled_mm needs CUDA tensors and both matrix dims divisible by 16."""
-    return x2d.is_cuda and x2d.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0
+def scaled_mm_problem(x2d: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> str | None:
+    """Why `torch._scaled_mm` cannot take these operands (None if it can): a CUDA device, an e4m3 weight
+    (e5m2 x e4m3 is not a supported pair everywhere), both matrix dims multiples of 16, a row-major weight
+    (its transpose is then the column-major mat2 the kernel wants), a 16-bit activation and a float32 scale."""
+    if not (x2d.is_cuda or (RUN_SCALED_MM_ON_CPU and x2d.device.type == "cpu")):
+        return f"{x2d.device.type} has no FP8 matmul"
+    if weight.dtype != _E4M3:
+        return f"{weight.dtype} weights are multiplied as weight_only (FP8 matmul pairs e4m3 with e4m3)"
+    if x2d.shape[1] % 16 or weight.shape[0] % 16:
+        return f"dims {x2d.shape[1]}x{weight.shape[0]} are not multiples of 16"
+    if not weight.is_contiguous():
+        return "the weight is not row-major"
+    if x2d.dtype not in (torch.float16, torch.bfloat16, torch.float32) or scale.dtype != torch.float32:
+        return f"activation {x2d.dtype} / scale {scale.dtype} not supported"
+    return None
+
+
+def _note_once(reason: str) -> None:
+    if reason not in _noted:
+        _noted.add(reason)
+        logging.getLogger(__name__).info("fp8_matmul: falling back to weight_only where %s", reason)
 
 
 def fp8_matmul_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x @ (weight * scale).T + bias on FP8 tensor cores."""
+    """y = x @ (weight * scale).T + bias, FP8 x FP8 with row-wise scales; weight_only where it cannot run."""
     x2d = x.reshape(-1, x.shape[-1])
-    if not _scaled_mm_ok(x2d, weight):
+    problem = scaled_mm_problem(x2d, weight, scale)
+    if problem is not None:
+        _note_once(problem)
         return weight_only_linear(x, weight, scale, bias)
-    x_scale = (x2d.abs().amax().float() / _E4M3_MAX).clamp_(min=1e-12)
-    xq = (x2d.float() / x_scale).clamp_(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn)
-    one = torch.ones((), device=x.device, dtype=torch.float32)
-    out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=one, out_dtype=torch.float32)
-    out = out * scale.reshape(1, -1) if scale.numel() > 1 else out * scale
+    # per-token scales: the reduction is float32, the scaled copy stays in the activation's dtype
+    inv = x2d.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-12).reciprocal_().mul_(_E4M3_MAX)
+    x_scale = inv.reciprocal()
+    if x2d.dtype != torch.float32:
+        inv = inv.clamp_(max=torch.finfo(x2d.dtype).max).to(x2d.dtype)
+    xq = (x2d * inv).clamp_(-_E4M3_MAX, _E4M3_MAX).to(_E4M3)
+    w_scale = scale.reshape(1, -1).expand(1, weight.shape[0]).contiguous()
+    out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=x.dtype)
     if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+        out += bias.to(out.dtype)
+    return out.reshape(*x.shape[:-1], -1)
 
 
 def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

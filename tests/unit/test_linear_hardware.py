@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from quant import hardware
+from quant import hardware, linear
 from quant.formats import quantize_weight
 from quant.hardware import FP8MatmulUnsupported, probe_device, resolve_compute
 from quant.linear import FP8Linear, fp8_linear
@@ -67,18 +68,69 @@ def test_bf16_activations_stay_bf16():
     assert layer(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and probe_device("cuda").fp8_matmul),
-                    reason="needs a CUDA GPU with compute capability >= 8.9")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and probe_device("cuda").fp8_matmul else [])
+
+
+@pytest.fixture
+def scaled_mm_calls(monkeypatch):
+    """Run fp8_matmul on the CPU too (torch's CPU _scaled_mm takes row-wise float8 scales) and count the calls."""
+    monkeypatch.setattr(linear, "RUN_SCALED_MM_ON_CPU", True)
+    calls = []
+    real = torch._scaled_mm
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", counted)
+    return calls
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scaling", ["per_channel", "per_tensor"])
-def test_fp8_matmul_matches_float64_reference(scaling):
-    lin = _linear(256, 128).cuda()
-    layer = FP8Linear.from_linear(lin, scaling=scaling, compute="fp8_matmul").cuda()
-    x = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
-    reference = x.double() @ layer.dequantized_weight(torch.float64).T + lin.bias.double()
-    out = layer(x)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fp8_matmul_matches_dequantize_then_matmul(scaled_mm_calls, device, scaling, dtype):
+    lin = _linear(256, 128).to(device)
+    layer = FP8Linear.from_linear(lin, scaling=scaling, compute="fp8_matmul" if device == "cuda" else "auto")
+    layer = layer.to(device)
+    x = torch.randn(3, 24, 128, device=device, dtype=dtype)
+    out = fp8_linear(x, layer.weight, layer.weight_scale, layer.bias, "fp8_matmul")
+    reference = F.linear(x.double(), layer.dequantized_weight(torch.float64), lin.bias.detach().double())
+    assert len(scaled_mm_calls) == 1, "the FP8 matmul did not run"
+    call = scaled_mm_calls[0]
+    assert call["scale_a"].shape == (72, 1) and call["scale_b"].shape == (1, 256)  # per token, per channel
+    assert call["out_dtype"] == dtype and out.dtype == dtype and out.shape == (3, 24, 256)
     # the activation is rounded to e4m3 too: error ~ one e4m3 half-ulp (6%) relative, far less on average
     rel = float((out.double() - reference).norm() / reference.norm())
     assert rel < 0.03, rel
+
+
+def test_fp8_matmul_scales_each_token_on_its_own(scaled_mm_calls):
+    """One outlier token (x1000, as SD3's activations have) leaves the other tokens' precision alone."""
+    layer = FP8Linear.from_linear(_linear(64, 128))
+    x = torch.randn(32, 128, dtype=torch.bfloat16)
+    x[0] *= 1000
+    out = fp8_linear(x, layer.weight, layer.weight_scale, layer.bias, "fp8_matmul")
+    reference = F.linear(x.double(), layer.dequantized_weight(torch.float64), layer.bias.double())
+    rest = float((out[1:].double() - reference[1:]).norm() / reference[1:].norm())
+    assert len(scaled_mm_calls) == 1 and rest < 0.03, rest
+
+
+@pytest.mark.parametrize(("fmt", "in_f", "why"), [("float8_e5m2", 128, "e5m2"), ("float8_e4m3fn", 120, "multiples")])
+def test_fp8_matmul_falls_back_to_weight_only_where_scaled_mm_cannot_run(scaled_mm_calls, caplog, fmt, in_f, why):
+    layer = FP8Linear.from_linear(_linear(64, in_f), fmt)
+    x = torch.randn(4, in_f)
+    with caplog.at_level("INFO", logger="quant.linear"):
+        out = fp8_linear(x, layer.weight, layer.weight_scale, layer.bias, "fp8_matmul")
+    assert scaled_mm_calls == [] and why in caplog.text
+    assert torch.equal(out, fp8_linear(x, layer.weight, layer.weight_scale, layer.bias, "weight_only"))
+
+
+def test_fp8_matmul_stays_off_the_cpu_without_the_test_switch():
+    assert linear.scaled_mm_problem(torch.zeros(4, 32), torch.zeros(32, 32, dtype=torch.float8_e4m3fn),
+                                    torch.ones(())) == "cpu has no FP8 matmul"
+    with pytest.raises(FP8MatmulUnsupported, match="compute: fp8_matmul cannot run on cpu"):
+        resolve_compute("fp8_matmul", "cpu")
 
 
 # --- compute=auto from (faked) device properties -------------------------------------------------------------
