@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .checkpoint import inspect_file, save_quantized
+from .checkpoint import LAYOUTS, STOCK_FORMAT, inspect_file, save_quantized, to_stock_layout
 from .config import PRESETS, QuantConfig
 from .formats import FP8_DTYPES, SCALINGS
 from .streaming import TEXT_ENCODER_CHOICES, quantize_safetensors_stream
@@ -39,16 +39,30 @@ def _progress_bar(label: str):
     return update
 
 
+def _format_and_scaling(args: argparse.Namespace) -> tuple[str, str]:
+    """stock_compatible quantizes straight to what stock ComfyUI runs natively (one e4m3 scale per layer);
+    auto defaults to per-channel e4m3, the lowest error, read by this pack and ComfyUI 0.3.75."""
+    if args.layout == "stock_compatible":
+        if args.scaling not in (None, "per_tensor") or args.format not in (None, STOCK_FORMAT):
+            raise ValueError(f"--layout stock_compatible writes per_tensor {STOCK_FORMAT} layers; for "
+                             f"--scaling {args.scaling} --format {args.format} use --layout auto")
+        return STOCK_FORMAT, "per_tensor"
+    return args.format or STOCK_FORMAT, args.scaling or "per_channel"
+
+
 def convert(args: argparse.Namespace) -> int:
-    config = QuantConfig(fp8_format=args.format, scaling=args.scaling, protect_preset=args.preset,
+    fp8_format, scaling = _format_and_scaling(args)
+    config = QuantConfig(fp8_format=fp8_format, scaling=scaling, protect_preset=args.preset,
                          protect_patterns=tuple(args.protect or ()))
     sd, formats, report = quantize_safetensors_stream(args.input, config, model_prefix=DIFFUSION_PREFIX,
                                                       text_encoders=args.text_encoders,
                                                       progress=_progress_bar("quantizing"))
     metadata = {"sd35_fp8.source": Path(args.input).name, "sd35_fp8.rule": report.rule,
-                "sd35_fp8.fp8_format": args.format, "sd35_fp8.scaling": args.scaling}
+                "sd35_fp8.fp8_format": fp8_format, "sd35_fp8.scaling": scaling, "sd35_fp8.layout": args.layout}
     # layer names in the metadata are relative to the diffusion model, in all-in-one files too
     prefix = DIFFUSION_PREFIX if any(k.startswith(DIFFUSION_PREFIX) for k in sd) else ""
+    if args.layout == "stock_compatible":  # layers that arrived in FP8 with per-channel or e5m2 scales
+        to_stock_layout(sd, formats, prefix)
     out = save_quantized(args.output, sd, formats, metadata=metadata, overwrite=args.overwrite, model_prefix=prefix)
     print(report.to_text(max_layers=args.max_layers))
     print(f"wrote {out}")
@@ -68,8 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("input")
     conv.add_argument("output")
     conv.add_argument("--preset", default="auto", choices=PRESETS)
-    conv.add_argument("--format", default="float8_e4m3fn", choices=sorted(FP8_DTYPES))
-    conv.add_argument("--scaling", default="per_channel", choices=SCALINGS)
+    conv.add_argument("--layout", default="stock_compatible", choices=LAYOUTS,
+                      help="stock_compatible (default): per-tensor float8_e4m3fn, which every ComfyUI runs natively "
+                           "(0.8+ on FP8 GPUs included). auto: --format/--scaling as given (per-channel by default), "
+                           "read by this pack and ComfyUI 0.3.75")
+    conv.add_argument("--format", default=None, choices=sorted(FP8_DTYPES), help="default float8_e4m3fn")
+    conv.add_argument("--scaling", default=None, choices=SCALINGS,
+                      help="default per_tensor with --layout stock_compatible, per_channel with --layout auto")
     conv.add_argument("--protect", action="append", metavar="PATTERN",
                       help="extra layer to keep 16-bit (glob or re:regex); repeatable")
     conv.add_argument("--text-encoders", default="none", choices=list(TEXT_ENCODER_CHOICES),

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,3 +46,21 @@ def test_cli_errors_are_one_line_and_nonzero(fixture_files, tmp_path):
                "--protect", "re:(")
     assert done.returncode == 2 and "protect_patterns line 1" in done.stderr
     assert not (tmp_path / "y.safetensors").exists()
+
+
+def test_default_layout_is_what_stock_comfyui_runs_natively(fixture_files, tmp_path):
+    out = tmp_path / "stock.safetensors"
+    done = run("convert", str(fixture_files["large_transformer"]), str(out))
+    assert done.returncode == 0, done.stderr
+    with safe_open(str(out), "pt") as f:
+        layers = json.loads(f.metadata()["_quantization_metadata"])["layers"]
+        scales = [f.get_tensor(f"{name}.weight_scale") for name in layers]
+        dtypes = {f.get_tensor(f"{name}.weight").dtype for name in layers}
+    assert layers and all(v == {"format": "float8_e4m3fn", "full_precision_matrix_mult": True} for v in layers.values())
+    assert all(s.numel() == 1 and s.dtype == torch.float32 for s in scales) and dtypes == {torch.float8_e4m3fn}
+    conflict = run("convert", str(fixture_files["large_transformer"]), str(tmp_path / "x.safetensors"),
+                   "--scaling", "per_channel")
+    assert conflict.returncode == 2 and "use --layout auto" in conflict.stderr
+    auto = run("convert", str(fixture_files["large_transformer"]), str(tmp_path / "pc.safetensors"), "--layout", "auto")
+    assert auto.returncode == 0 and json.loads(run("inspect", str(tmp_path / "pc.safetensors")).stdout)[
+        "per_channel_layers"] == len(layers)
