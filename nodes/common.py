@@ -1,6 +1,6 @@
 """Input definitions and helpers shared by several nodes (one definition per input name).
 
-Input names are a public contract (shared workflows name them): see DESIGN.md.
+Input names are a public contract (shared workflows name them): see the README, "Nodes".
 """
 
 from __future__ import annotations

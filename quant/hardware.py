@@ -1,4 +1,4 @@
-"""What a device can do with FP8, and which compute path `auto` picks (DESIGN.md, "Hardware").
+"""What a device can do with FP8, and which compute path `auto` picks.
 
 Rules:
 - FP8 tensor-core matmul: NVIDIA compute capability >= 8.9 (Ada, Hopper, Blackwell) and a

@@ -101,7 +101,8 @@ def quantize_and_save() -> dict:
             "model": ["ckpt", 0], "fp8_format": "float8_e4m3fn", "scaling": "per_channel",
             "protect_preset": "auto", "compute": "auto", "protect_patterns": ""}},
         "save": {"class_type": "SD35FP8SaveModel", "inputs": {
-            "model": ["quantize", 0], "filename_prefix": "diffusion_models/sd3.5_medium_fp8", "layout": "auto"}},
+            "model": ["quantize", 0], "filename_prefix": "diffusion_models/sd3.5_medium_fp8",
+            "layout": "stock_compatible"}},
         "report": _show(["quantize", 1], "Quantization report"),
     }
 

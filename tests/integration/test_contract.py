@@ -1,4 +1,4 @@
-"""The public node contract (DESIGN.md): ids, display names, input names, output types."""
+"""The public node contract (README, "Nodes"): ids, display names, input names, output types."""
 
 from __future__ import annotations
 
