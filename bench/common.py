@@ -29,12 +29,14 @@ def setup_torch() -> None:
 
 
 def boot_host(cpu: bool = True) -> Path:
-    """Materialise and boot ComfyUI 0.3.75 in this process (--cpu unless `cpu` is False); returns its folder."""
+    """Materialise and boot ComfyUI in this process (--cpu unless `cpu` is False); returns its folder. The host is
+    COMFY_HOST's (default 0.3.75), in FP8-device mode where COMFY_FP8_DEVICE=1 (tools/comfy_host.py)."""
     tools = str(REPO / "tools")
     if tools not in sys.path:
         sys.path.insert(0, tools)
     import comfy_host
 
+    comfy_host.activate_overlay(CACHE, comfy_host.host_version())
     comfy_dir = comfy_host.materialise(CACHE)
     comfy_host.boot(comfy_dir, cpu=cpu)
     return comfy_dir

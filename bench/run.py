@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .common import RESULTS, boot_host, log, machine, now, setup_torch, versions
 
-SECTIONS = ("memory", "quantize", "load", "step", "fidelity", "sensitivity", "soak")
+SECTIONS = ("memory", "quantize", "load", "step", "fidelity", "sensitivity", "stock_path", "soak")
 MODULES = {"quantize": "throughput"}
 SOAK_PROMPTS = {True: 10, False: 50}
 WEIGHTS_NOTE = ("random weights (no real SD3.5 weights can be downloaded here), drawn per tensor: 'gaussian' "

@@ -119,8 +119,27 @@ def goals(g: dict) -> list[str]:
     return ["### Goals", ""] + _t(["goal", "measured", "target", ""], rows)
 
 
+STOCK_PATH_LABELS = {
+    "stock_full_precision": "stock 0.8.0, layers marked full_precision_matrix_mult (what we write)",
+    "stock_no_input_scale": "stock 0.8.0 FP8 x FP8, no input_scale (activation scale 1.0)",
+    "stock_calibrated": "stock 0.8.0 FP8 x FP8, input_scale calibrated on 4 other sampling steps",
+    "ours_weight_only": "ours, weight_only (per-channel)",
+    "ours_fp8_matmul": "ours, fp8_matmul (per-token x per-channel)",
+}
+
+
+def stock_path(r: dict) -> list[str]:
+    models = [(k, r[k]) for k in ("tiny", "sd35_medium") if k in r]
+    heads = [f"tiny (Large shapes, depth 2), {m['pixels']}px" if k == "tiny" else
+             f"Medium full width, depth {m['depth']}, {m['pixels']}px" for k, m in models]
+    rows = [[label] + [f"{m[key]['rel_err']:.4f} ({m[key]['scaled_mm_calls']} FP8 matmuls)" for _, m in models]
+            for key, label in STOCK_PATH_LABELS.items()]
+    return [f"### 7. Files for stock ComfyUI: output error vs the 16-bit model ({r['host']}, per-tensor e4m3 "
+            f"file; {r['weights']} weights)", ""] + _t(["path", *heads], rows)
+
+
 RENDER = {"memory": memory, "quantize": quantize, "load": load, "step": step, "fidelity": fidelity,
-          "sensitivity": sensitivity}
+          "sensitivity": sensitivity, "stock_path": stock_path}
 
 
 def render(results: dict) -> str:
