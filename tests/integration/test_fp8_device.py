@@ -110,3 +110,20 @@ def comfy_host_module(model, name: str) -> torch.nn.Module:
     for part in name.split("."):
         module = getattr(module, part)
     return module
+
+
+def test_lora_requantization_multiplies_small_scales_in_float32(pack):
+    """ComfyUI hands convert_weight a copy in its LoRA compute dtype (float16 on many GPUs): the scale must not
+    be cast to it (a weight whose largest value is ~1e-6 has a scale of ~2e-9, zero in float16)."""
+    import importlib
+
+    fp8_ops = importlib.import_module(pack.__name__ + ".nodes.fp8_ops")
+    real = torch.randn(32, 16, dtype=torch.float64) * 1e-6
+    scale = (real.abs().amax(dim=1, keepdim=True) / 448).float()
+    qweight = (real / scale.double()).to(torch.float8_e4m3fn)
+    layer = fp8_ops.fp8_linear_from(fp8_ops.make_fp8_ops("weight_only"), qweight, scale, None)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        temp = layer.convert_weight(layer.weight.to(dtype), inplace=True)
+        expected = qweight.double() * scale.double()
+        assert float((temp.double() - expected).norm() / expected.norm()) < 1e-2, dtype
+        assert torch.equal(layer.set_weight(temp.float(), return_weight=True), qweight)  # exact round trip
