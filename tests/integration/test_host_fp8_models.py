@@ -82,4 +82,8 @@ def test_saved_host_fp8_model_samples_like_the_source(runner, comfy_base, fixtur
     prompt.update(decode_and_preview(["ks_src", 0], ["ck", 2], "source"))
     runner.run(prompt)
     src, out = runner.node_outputs("ks_src")[0]["samples"], runner.node_outputs("ks_out")[0]["samples"]
-    assert torch.isfinite(out).all() and float((out - src).norm() / src.norm()) < 1e-2
+    # The same weights, computed alike: within 1%. Except where the source runs FP8 x FP8 and the saved file does
+    # not: 0.3.75's legacy scaled_fp8 ops on an FP8 device round every activation to e4m3 (scale 1.0), while its
+    # mixed-precision ops multiply our file's layers in 16-bit (they take the FP8 route only with an input_scale).
+    fp8_activations = comfy_host.host_version() == "0.3.75" and comfy_host.fp8_device_mode()
+    assert torch.isfinite(out).all() and float((out - src).norm() / src.norm()) < (0.06 if fp8_activations else 1e-2)
