@@ -1,7 +1,10 @@
-"""ComfyUI adapters: one file per concern, each node a thin shell over quant/.
+"""ComfyUI adapters in ComfyUI's V3 schema (comfy_api v0_0_2, which both tested hosts ship): one file per concern,
+each node a thin shell over quant/. Node ids, input names, defaults, option lists and output order are a public
+contract (shared workflows name them; README, "Nodes")."""
 
-Display names come from each class's TITLE, so the id -> name table lives in one place.
-"""
+from __future__ import annotations
+
+from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .compare import SD35FP8CompareImages
 from .hardware import SD35FP8HardwareInfo
@@ -10,7 +13,7 @@ from .quantize import SD35FP8QuantizeCLIP, SD35FP8QuantizeModel
 from .sampling import SD35FP8Sampler
 from .save import SD35FP8SaveModel
 
-_NODES = (
+NODES: tuple[type[io.ComfyNode], ...] = (
     SD35FP8CheckpointLoader,
     SD35FP8DiffusionModelLoader,
     SD35FP8QuantizeModel,
@@ -21,5 +24,11 @@ _NODES = (
     SD35FP8SaveModel,
 )
 
-NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in _NODES}
-NODE_DISPLAY_NAME_MAPPINGS = {cls.__name__: cls.TITLE for cls in _NODES}
+
+class SD35FP8Extension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> SD35FP8Extension:
+    return SD35FP8Extension()

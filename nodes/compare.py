@@ -2,29 +2,34 @@
 
 from __future__ import annotations
 
+from comfy_api.v0_0_2 import io
+
 from ..quant.metrics import compare_images, difference_image, report_text
 from .common import CATEGORY
 
 
-class SD35FP8CompareImages:
-    TITLE = "Compare Images (SSIM/PSNR)"
-    CATEGORY = f"{CATEGORY}/utils"
-    DESCRIPTION = ("Scores two image batches against each other: SSIM (Wang et al. 2004, Gaussian window) and PSNR, "
-                   "plus an amplified difference image. Use it with the same seed on an FP16 and an FP8 model.")
-    RETURN_TYPES = ("FLOAT", "FLOAT", "IMAGE", "STRING")
-    RETURN_NAMES = ("ssim", "psnr", "difference", "report")
-    OUTPUT_TOOLTIPS = ("Mean SSIM over the batch (1.0 = identical).", "Mean PSNR in dB (inf = identical).",
-                       "|a - b| amplified 4x, to see where they differ.", "Per-image scores and a verdict.")
-    FUNCTION = "compare"
+class SD35FP8CompareImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SD35FP8CompareImages",
+            display_name="Compare Images (SSIM/PSNR)",
+            category=f"{CATEGORY}/utils",
+            description="Scores two image batches against each other: SSIM (Wang et al. 2004, Gaussian window) and "
+                        "PSNR, plus an amplified difference image. Use it with the same seed on an FP16 and an FP8 "
+                        "model.",
+            inputs=[io.Image.Input("image_a", tooltip="Reference images, e.g. from the FP16 model."),
+                    io.Image.Input("image_b", tooltip="Images to score, same size and count as image_a.")],
+            outputs=[
+                io.Float.Output(display_name="ssim", tooltip="Mean SSIM over the batch (1.0 = identical)."),
+                io.Float.Output(display_name="psnr", tooltip="Mean PSNR in dB (inf = identical)."),
+                io.Image.Output(display_name="difference", tooltip="|a - b| amplified 4x, to see where they differ."),
+                io.String.Output(display_name="report", tooltip="Per-image scores and a verdict."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "image_a": ("IMAGE", {"tooltip": "Reference images, e.g. from the FP16 model."}),
-            "image_b": ("IMAGE", {"tooltip": "Images to score, same size and count as image_a."}),
-        }}
-
-    def compare(self, image_a, image_b):
+    def execute(cls, image_a, image_b) -> io.NodeOutput:
         result = compare_images(image_a, image_b)
         diff = difference_image(image_a, image_b)
-        return (float(result["ssim"]), float(result["psnr"]), diff, report_text(result))
+        return io.NodeOutput(float(result["ssim"]), float(result["psnr"]), diff, report_text(result))

@@ -2,33 +2,49 @@
 
 from __future__ import annotations
 
+import torch
+from comfy_api.v0_0_2 import io
+
 from ..quant.hardware import probe_device
 from .common import CATEGORY
 
 
-class SD35FP8HardwareInfo:
-    TITLE = "FP8 Hardware Capability"
-    CATEGORY = f"{CATEGORY}/utils"
-    DESCRIPTION = ("Reports the device, its compute capability, whether it can store FP8 and run FP8 tensor-core "
-                   "matmul (NVIDIA compute capability 8.9+: Ada, Hopper, Blackwell), its memory, and the compute "
-                   "mode the FP8 loaders will pick with compute=auto.")
-    RETURN_TYPES = ("STRING", "BOOLEAN", "STRING", "INT")
-    RETURN_NAMES = ("report", "fp8_matmul_supported", "recommended_compute", "memory_mb")
-    OUTPUT_TOOLTIPS = ("Human-readable capability report.", "True where FP8 tensor-core matmul can run.",
-                       "fp8_matmul or weight_only: what compute=auto will use.", "Device memory in MB.")
-    FUNCTION = "probe"
+def devices_present() -> list[str]:
+    """auto (ComfyUI's device), then every device torch sees here."""
+    found = ["auto", "cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+class SD35FP8HardwareInfo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SD35FP8HardwareInfo",
+            display_name="FP8 Hardware Capability",
+            category=f"{CATEGORY}/utils",
+            description="Reports the device, its compute capability, whether it can store FP8 and run FP8 tensor-core "
+                        "matmul (NVIDIA compute capability 8.9+: Ada, Hopper, Blackwell), its memory, and the compute "
+                        "mode the FP8 loaders will pick with compute=auto.",
+            inputs=[io.Combo.Input("device", options=devices_present(), default="auto", optional=True,
+                                   tooltip="auto (ComfyUI's device), or one of the devices present: cpu, cuda:N "
+                                           "for a specific GPU, mps.")],
+            outputs=[
+                io.String.Output(display_name="report", tooltip="Human-readable capability report."),
+                io.Boolean.Output(display_name="fp8_matmul_supported",
+                                  tooltip="True where FP8 tensor-core matmul can run."),
+                io.String.Output(display_name="recommended_compute",
+                                 tooltip="fp8_matmul or weight_only: what compute=auto will use."),
+                io.Int.Output(display_name="memory_mb", tooltip="Device memory in MB."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"optional": {"device": ("STRING", {
-            "default": "auto",
-            "tooltip": "auto (ComfyUI's device), cpu, mps, or cuda:N for a specific GPU.",
-        })}}
-
-    def probe(self, device="auto"):
+    def execute(cls, device="auto") -> io.NodeOutput:
         if device.strip() == "auto":
             import comfy.model_management
 
             device = str(comfy.model_management.get_torch_device())
         cap = probe_device(device.strip())
-        return (cap.to_text(), cap.fp8_matmul, cap.recommended_compute, int(cap.memory_mb))
+        return io.NodeOutput(cap.to_text(), cap.fp8_matmul, cap.recommended_compute, int(cap.memory_mb))

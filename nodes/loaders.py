@@ -16,20 +16,15 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 import torch
+from comfy_api.v0_0_2 import io
 from safetensors import safe_open
 
 from ..quant.checkpoint import QUANT_METADATA_KEY, refuse_pickle
 from ..quant.config import QuantConfig
 from ..quant.streaming import quantize_safetensors_stream, quantize_state_dict
-from .common import CATEGORY, FP8_FORMAT_OR_DISABLED, PROTECT_PATTERNS, quant_inputs, record_info
+from .common import CATEGORY, protect_patterns_input, quant_inputs, record_info
 from .fp8_ops import FLOAT8_DTYPES, check_compute_supported, make_fp8_ops
 from .fp8_tables import fp8_tables_in_place
-
-TEXT_ENCODER_FP8 = (["t5xxl_only", "none", "all"], {
-    "default": "t5xxl_only",
-    "tooltip": "Text encoders in FP8. t5xxl_only (default): T5-XXL in FP8, CLIP-L/G kept 16-bit, as SD3.5's "
-               "prompt following needs. none: all 16-bit. all: every text encoder in FP8.",
-})
 
 
 class MissingTextEncoders:
@@ -94,31 +89,38 @@ def _config(fp8_format, scaling, protect_preset, compute, protect_patterns) -> Q
                        protect_patterns=protect_patterns, compute=compute)
 
 
-class SD35FP8CheckpointLoader:
-    TITLE = "Load SD3.5 Checkpoint (FP8)"
-    CATEGORY = f"{CATEGORY}/loaders"
-    DESCRIPTION = ("Loads an SD3.5 all-in-one checkpoint and quantizes it to FP8 while reading it: per-channel scaled "
-                   "FP8 Linear layers and an FP8 pos_embed, with embedders and final layer kept 16-bit (preset auto "
-                   "detects Large, Medium or Large Turbo). The report lists every layer with its bytes and error.")
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE", "STRING")
-    RETURN_NAMES = ("model", "clip", "vae", "report")
-    OUTPUT_TOOLTIPS = ("The FP8 diffusion model.", "Text encoders (T5-XXL in FP8 by default).", "The 16-channel VAE.",
-                       "Per-layer quantization report.")
-    FUNCTION = "load"
+class SD35FP8CheckpointLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SD35FP8CheckpointLoader",
+            display_name="Load SD3.5 Checkpoint (FP8)",
+            category=f"{CATEGORY}/loaders",
+            description="Loads an SD3.5 all-in-one checkpoint and quantizes it to FP8 while reading it: per-channel "
+                        "scaled FP8 Linear layers and an FP8 pos_embed, with embedders and final layer kept 16-bit "
+                        "(preset auto detects Large, Medium or Large Turbo). The report lists every layer with its "
+                        "bytes and error.",
+            inputs=[
+                io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
+                               tooltip="An SD3.5 .safetensors checkpoint from models/checkpoints."),
+                *quant_inputs(with_disabled=True),
+                io.Combo.Input("text_encoder_fp8", options=["t5xxl_only", "none", "all"], default="t5xxl_only",
+                               tooltip="Text encoders in FP8. t5xxl_only (default): T5-XXL in FP8, CLIP-L/G kept "
+                                       "16-bit, as SD3.5's prompt following needs. none: all 16-bit. all: every "
+                                       "text encoder in FP8."),
+                protect_patterns_input(),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The FP8 diffusion model."),
+                io.Clip.Output(display_name="clip", tooltip="Text encoders (T5-XXL in FP8 by default)."),
+                io.Vae.Output(display_name="vae", tooltip="The 16-channel VAE."),
+                io.String.Output(display_name="report", tooltip="Per-layer quantization report."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "ckpt_name": (folder_paths.get_filename_list("checkpoints"),
-                              {"tooltip": "An SD3.5 .safetensors checkpoint from models/checkpoints."}),
-                **quant_inputs(FP8_FORMAT_OR_DISABLED),
-                "text_encoder_fp8": TEXT_ENCODER_FP8,
-            },
-            "optional": {"protect_patterns": PROTECT_PATTERNS},
-        }
-
-    def load(self, ckpt_name, fp8_format, scaling, protect_preset, compute, text_encoder_fp8, protect_patterns=""):
+    def execute(cls, ckpt_name, fp8_format, scaling, protect_preset, compute, text_encoder_fp8,
+                protect_patterns="") -> io.NodeOutput:
         path = _model_path("checkpoints", ckpt_name, "ckpt_name")
         embeddings = folder_paths.get_folder_paths("embeddings")
         if fp8_format == "disabled":
@@ -141,7 +143,7 @@ class SD35FP8CheckpointLoader:
         if clip is None:
             clip = MissingTextEncoders()
             report_text += "\nNo text encoders in this checkpoint: use TripleCLIPLoader for the CLIP input."
-        return (model, clip, vae, report_text)
+        return io.NodeOutput(model, clip, vae, report_text)
 
 
 def diffusers_folders() -> list[str]:
@@ -191,29 +193,32 @@ def read_diffusers_transformer(folder: Path) -> dict:
     return sd
 
 
-class SD35FP8DiffusionModelLoader:
-    TITLE = "Load SD3.5 Diffusion Model (FP8)"
-    CATEGORY = f"{CATEGORY}/loaders"
-    DESCRIPTION = ("Loads an SD3.5 transformer (a diffusion_models .safetensors file, or a diffusers-format folder) "
-                   "and quantizes it to FP8 while reading it. Pair it with TripleCLIPLoader and a VAE loader.")
-    RETURN_TYPES = ("MODEL", "STRING")
-    RETURN_NAMES = ("model", "report")
-    OUTPUT_TOOLTIPS = ("The FP8 diffusion model.", "Per-layer quantization report.")
-    FUNCTION = "load"
+class SD35FP8DiffusionModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SD35FP8DiffusionModelLoader",
+            display_name="Load SD3.5 Diffusion Model (FP8)",
+            category=f"{CATEGORY}/loaders",
+            description="Loads an SD3.5 transformer (a diffusion_models .safetensors file, or a diffusers-format "
+                        "folder) and quantizes it to FP8 while reading it. Pair it with TripleCLIPLoader and a VAE "
+                        "loader.",
+            inputs=[
+                io.Combo.Input("model_name", options=folder_paths.get_filename_list("diffusion_models")
+                               + diffusers_folders(),
+                               tooltip="A .safetensors transformer in models/diffusion_models, or a diffusers folder "
+                                       "(with transformer/config.json) there or in models/diffusers."),
+                *quant_inputs(),
+                protect_patterns_input(),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The FP8 diffusion model."),
+                io.String.Output(display_name="report", tooltip="Per-layer quantization report."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model_name": (folder_paths.get_filename_list("diffusion_models") + diffusers_folders(),
-                               {"tooltip": "A .safetensors transformer in models/diffusion_models, or a diffusers "
-                                           "folder (with transformer/config.json) there or in models/diffusers."}),
-                **quant_inputs(),
-            },
-            "optional": {"protect_patterns": PROTECT_PATTERNS},
-        }
-
-    def load(self, model_name, fp8_format, scaling, protect_preset, compute, protect_patterns=""):
+    def execute(cls, model_name, fp8_format, scaling, protect_preset, compute, protect_patterns="") -> io.NodeOutput:
         config = _config(fp8_format, scaling, protect_preset, compute, protect_patterns)
         if model_name in folder_paths.get_filename_list("diffusion_models"):
             path = _model_path("diffusion_models", model_name, "model_name")
@@ -233,4 +238,4 @@ class SD35FP8DiffusionModelLoader:
         if model is None:
             raise ValueError(f"model_name: {model_name} is not a diffusion model ComfyUI recognises")
         record_info(model, model_name, report.rule, fp8_format, scaling)
-        return (model, f"{model_name}\n{report.to_text()}")
+        return io.NodeOutput(model, f"{model_name}\n{report.to_text()}")

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from comfy_api.v0_0_2 import io
+
 from ..quant.config import QuantConfig
 from ..quant.policy import resolve_policy
 from ..quant.report import Report
-from .common import CATEGORY, FP8_FORMAT, INFO_KEY, PROTECT_PATTERNS, SCALING, quant_inputs, record_info
+from .common import (
+    CATEGORY,
+    INFO_KEY,
+    fp8_format_input,
+    protect_patterns_input,
+    quant_inputs,
+    record_info,
+    scaling_input,
+)
 from .fp8_ops import check_compute_supported
 from .patching import quantize_modules
 
@@ -23,27 +33,25 @@ def model_shapes(model) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in tensors}
 
 
-class SD35FP8QuantizeModel:
-    TITLE = "Quantize Model to FP8"
-    CATEGORY = f"{CATEGORY}/quantize"
-    DESCRIPTION = ("Makes an FP8 copy of a loaded diffusion model: each Linear layer not protected by the preset "
-                   "or your patterns is stored as FP8 with float32 scales (SD3's pos_embed table too, scale 1.0). "
-                   "The input model is not changed, so the FP16 and FP8 versions can be sampled side by side. "
-                   "LoRAs work before or after this node.")
-    RETURN_TYPES = ("MODEL", "STRING")
-    RETURN_NAMES = ("model", "report")
-    OUTPUT_TOOLTIPS = ("The FP8 model (a patched clone of the input).", "Per-layer report: dtypes, bytes, error.")
-    FUNCTION = "quantize"
+class SD35FP8QuantizeModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SD35FP8QuantizeModel",
+            display_name="Quantize Model to FP8",
+            category=f"{CATEGORY}/quantize",
+            description="Makes an FP8 copy of a loaded diffusion model: each Linear layer not protected by the preset "
+                        "or your patterns is stored as FP8 with float32 scales (SD3's pos_embed table too, scale 1.0). "
+                        "The input model is not changed, so the FP16 and FP8 versions can be sampled side by side. "
+                        "LoRAs work before or after this node.",
+            inputs=[io.Model.Input("model", tooltip="Any loaded diffusion model (SD3.5 gets tuned presets)."),
+                    *quant_inputs(), protect_patterns_input()],
+            outputs=[io.Model.Output(display_name="model", tooltip="The FP8 model (a patched clone of the input)."),
+                     io.String.Output(display_name="report", tooltip="Per-layer report: dtypes, bytes, error.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {"model": ("MODEL", {"tooltip": "Any loaded diffusion model (SD3.5 gets tuned presets)."}),
-                         **quant_inputs()},
-            "optional": {"protect_patterns": PROTECT_PATTERNS},
-        }
-
-    def quantize(self, model, fp8_format, scaling, protect_preset, compute, protect_patterns=""):
+    def execute(cls, model, fp8_format, scaling, protect_preset, compute, protect_patterns="") -> io.NodeOutput:
         config = QuantConfig(fp8_format=fp8_format, scaling=scaling, protect_preset=protect_preset,
                              protect_patterns=protect_patterns, compute=compute)
         check_compute_supported(compute)
@@ -54,31 +62,33 @@ class SD35FP8QuantizeModel:
                                scaling=scaling, compute=compute, report=report, unit_scale=policy.unit_scale)
         source = model.model_options.get(INFO_KEY, {}).get("source", "a MODEL quantized in the graph")
         record_info(out, source, policy.rule, fp8_format, scaling)
-        return (out, report.to_text())
+        return io.NodeOutput(out, report.to_text())
 
 
-class SD35FP8QuantizeCLIP:
-    TITLE = "Quantize Text Encoders to FP8"
-    CATEGORY = f"{CATEGORY}/quantize"
-    DESCRIPTION = ("Makes an FP8 copy of SD3.5's text encoders. T5-XXL (4.7B parameters) is where the memory is and "
-                   "tolerates FP8 well; CLIP-L/G are small and more sensitive, so the default keeps them 16-bit.")
-    RETURN_TYPES = ("CLIP", "STRING")
-    RETURN_NAMES = ("clip", "report")
-    OUTPUT_TOOLTIPS = ("The CLIP with FP8 text encoders (a patched clone).", "Per-layer report.")
-    FUNCTION = "quantize"
+class SD35FP8QuantizeCLIP(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SD35FP8QuantizeCLIP",
+            display_name="Quantize Text Encoders to FP8",
+            category=f"{CATEGORY}/quantize",
+            description="Makes an FP8 copy of SD3.5's text encoders. T5-XXL (4.7B parameters) is where the memory is "
+                        "and tolerates FP8 well; CLIP-L/G are small and more sensitive, so the default keeps them "
+                        "16-bit.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="SD3.5 text encoders, e.g. from TripleCLIPLoader or a checkpoint."),
+                io.Combo.Input("encoders", options=list(CLIP_ENCODERS), default="t5xxl",
+                               tooltip="Which encoders to store in FP8. t5xxl (default) saves most memory at the "
+                                       "least cost in prompt following."),
+                fp8_format_input(),
+                scaling_input(),
+            ],
+            outputs=[io.Clip.Output(display_name="clip", tooltip="The CLIP with FP8 text encoders (a patched clone)."),
+                     io.String.Output(display_name="report", tooltip="Per-layer report.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "clip": ("CLIP", {"tooltip": "SD3.5 text encoders, e.g. from TripleCLIPLoader or a checkpoint."}),
-            "encoders": (list(CLIP_ENCODERS), {"default": "t5xxl",
-                                               "tooltip": "Which encoders to store in FP8. t5xxl (default) saves "
-                                                          "most memory at the least cost in prompt following."}),
-            "fp8_format": FP8_FORMAT,
-            "scaling": SCALING,
-        }}
-
-    def quantize(self, clip, encoders, fp8_format, scaling):
+    def execute(cls, clip, encoders, fp8_format, scaling) -> io.NodeOutput:
         if encoders not in CLIP_ENCODERS:
             raise ValueError(f"encoders: {encoders!r} is not one of {list(CLIP_ENCODERS)}")
         chosen = CLIP_ENCODERS[encoders]
@@ -95,4 +105,4 @@ class SD35FP8QuantizeCLIP:
         out = clip.clone()
         out.patcher = quantize_modules(clip.patcher, "", should_quantize, fp8_format=fp8_format, scaling=scaling,
                                        compute="auto", report=report)
-        return (out, report.to_text())
+        return io.NodeOutput(out, report.to_text())

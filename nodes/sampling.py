@@ -14,12 +14,15 @@ import comfy.model_management
 import comfy.samplers
 import psutil
 import torch
+from comfy_api.v0_0_2 import io
+
+from .common import CATEGORY
 
 # Recommended settings. Sources: the Hugging Face model cards of stabilityai/stable-diffusion-3.5-large
 # (28 steps, guidance 3.5), -medium (40 steps, guidance 4.5) and -large-turbo (4 steps, guidance 0-1), and
 # Stability AI's reference repo sd3.5 (shift 3.0; Medium skip-layer guidance on layers 7,8,9 at scale 2.5
 # from 1% to 20% of sampling).
-PRESETS: dict[str, dict] = {
+SAMPLER_PRESETS: dict[str, dict] = {
     "sd35_large": {"steps": 28, "cfg": 3.5, "sampler_name": "dpmpp_2m", "scheduler": "sgm_uniform", "shift": 3.0,
                    "skip_layers": ""},
     "sd35_medium": {"steps": 40, "cfg": 4.5, "sampler_name": "dpmpp_2m", "scheduler": "sgm_uniform", "shift": 3.0,
@@ -27,6 +30,20 @@ PRESETS: dict[str, dict] = {
     "sd35_large_turbo": {"steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "sgm_uniform", "shift": 3.0,
                          "skip_layers": ""},
 }
+
+
+PRESETS_KEY = "sd35_fp8_presets"  # the preset table, sent with the input's definition to the frontend extension
+
+
+def preset_input() -> io.Combo.Input:
+    """The preset choice, carrying the preset table: web/sd35_fp8.js fills the widgets from it when a preset is
+    picked, so the values on the canvas are the values used (the server applies them to API prompts too)."""
+    preset = io.Combo.Input("preset", options=["custom", *SAMPLER_PRESETS], default="custom",
+                            tooltip="custom: use the widgets below. Other presets set steps, cfg, sampler, scheduler, "
+                                    "shift and skip-layer guidance to Stability AI's recommendations; picking one "
+                                    "fills the widgets with them.")
+    preset.extra_dict = {**preset.extra_dict, PRESETS_KEY: SAMPLER_PRESETS}  # 0.3.75's Combo takes no extra_dict
+    return preset
 
 
 def parse_skip_layers(text: str) -> list[int]:
@@ -45,57 +62,53 @@ def _peak_memory_text(device: torch.device) -> str:
     return f"process RSS {psutil.Process().memory_info().rss / 2**20:.0f} MB"
 
 
-class SD35FP8Sampler:
-    TITLE = "SD3.5 Sampler"
-    CATEGORY = "SD3.5 FP8/sampling"
-    DESCRIPTION = ("Samples an SD3.5 model. Presets fill in Stability AI's recommended steps, cfg, sampler, "
-                   "shift 3.0 and (Medium) skip-layer guidance; 'custom' uses the widgets. Equivalent to "
-                   "ModelSamplingSD3 (+ SkipLayerGuidanceSD3) + KSampler, with timing and memory stats.")
-    RETURN_TYPES = ("LATENT", "STRING")
-    RETURN_NAMES = ("latent", "stats")
-    OUTPUT_TOOLTIPS = ("The denoised latent.", "Settings used, total seconds, seconds per step, peak memory.")
-    FUNCTION = "sample"
+class SD35FP8Sampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SD35FP8Sampler",
+            display_name="SD3.5 Sampler",
+            category=f"{CATEGORY}/sampling",
+            description="Samples an SD3.5 model. Presets fill in Stability AI's recommended steps, cfg, sampler, "
+                        "shift 3.0 and (Medium) skip-layer guidance; 'custom' uses the widgets. Equivalent to "
+                        "ModelSamplingSD3 (+ SkipLayerGuidanceSD3) + KSampler, with timing and memory stats.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD3.5 model (FP8 or 16-bit)."),
+                io.Conditioning.Input("positive", tooltip="What the image should show."),
+                io.Conditioning.Input("negative", tooltip="What it should not show."),
+                io.Latent.Input("latent_image", tooltip="Start latent, e.g. EmptySD3LatentImage."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed: the same seed gives the same image."),
+                preset_input(),
+                io.Int.Input("steps", default=28, min=1, max=10000, tooltip="Denoising steps."),
+                io.Float.Input("cfg", default=4.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="dpmpp_2m",
+                               tooltip="Sampling algorithm."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="sgm_uniform",
+                               tooltip="Noise schedule."),
+                io.Float.Input("shift", default=3.0, min=0.01, max=100.0, step=0.01,
+                               tooltip="Timestep shift (ModelSamplingSD3); SD3.5 is trained for 3.0. Above 0 (0 "
+                                       "collapses every sigma to 0: an all-NaN image)."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="1.0 for txt2img; lower keeps more of the input latent."),
+                io.String.Input("skip_layers", default="", optional=True,
+                                tooltip="Skip-layer guidance blocks, e.g. 7,8,9 (SD3.5 Medium). Empty: off."),
+                io.Float.Input("skip_scale", default=3.0, min=0.0, max=10.0, step=0.1, optional=True,
+                               tooltip="Strength of skip-layer guidance."),
+                io.Float.Input("skip_start", default=0.01, min=0.0, max=1.0, step=0.001, optional=True,
+                               tooltip="Fraction of sampling where skip-layer guidance starts."),
+                io.Float.Input("skip_end", default=0.15, min=0.0, max=1.0, step=0.001, optional=True,
+                               tooltip="Fraction of sampling where skip-layer guidance ends."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent", tooltip="The denoised latent."),
+                     io.String.Output(display_name="stats",
+                                      tooltip="Settings used, total seconds, seconds per step, peak memory.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "An SD3.5 model (FP8 or 16-bit)."}),
-                "positive": ("CONDITIONING", {"tooltip": "What the image should show."}),
-                "negative": ("CONDITIONING", {"tooltip": "What it should not show."}),
-                "latent_image": ("LATENT", {"tooltip": "Start latent, e.g. EmptySD3LatentImage."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                                 "tooltip": "Noise seed: the same seed gives the same image."}),
-                "preset": (["custom", *PRESETS], {"default": "custom",
-                                                  "tooltip": "custom: use the widgets below. Other presets override "
-                                                             "steps, cfg, sampler, scheduler, shift and skip layers."}),
-                "steps": ("INT", {"default": 28, "min": 1, "max": 10000, "tooltip": "Denoising steps."}),
-                "cfg": ("FLOAT", {"default": 4.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                                  "tooltip": "Classifier-free guidance scale."}),
-                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "dpmpp_2m",
-                                                                    "tooltip": "Sampling algorithm."}),
-                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "sgm_uniform",
-                                                                   "tooltip": "Noise schedule."}),
-                "shift": ("FLOAT", {"default": 3.0, "min": 0.01, "max": 100.0, "step": 0.01,
-                                    "tooltip": "Timestep shift (ModelSamplingSD3); SD3.5 is trained for 3.0. "
-                                               "Above 0 (0 collapses every sigma to 0: an all-NaN image)."}),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                      "tooltip": "1.0 for txt2img; lower keeps more of the input latent."}),
-            },
-            "optional": {
-                "skip_layers": ("STRING", {"default": "", "tooltip": "Skip-layer guidance blocks, e.g. 7,8,9 "
-                                                                    "(SD3.5 Medium). Empty: off."}),
-                "skip_scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 10.0, "step": 0.1,
-                                         "tooltip": "Strength of skip-layer guidance."}),
-                "skip_start": ("FLOAT", {"default": 0.01, "min": 0.0, "max": 1.0, "step": 0.001,
-                                         "tooltip": "Fraction of sampling where skip-layer guidance starts."}),
-                "skip_end": ("FLOAT", {"default": 0.15, "min": 0.0, "max": 1.0, "step": 0.001,
-                                       "tooltip": "Fraction of sampling where skip-layer guidance ends."}),
-            },
-        }
-
-    def sample(self, model, positive, negative, latent_image, seed, preset, steps, cfg, sampler_name, scheduler,
-               shift, denoise, skip_layers="", skip_scale=3.0, skip_start=0.01, skip_end=0.15):
+    def execute(cls, model, positive, negative, latent_image, seed, preset, steps, cfg, sampler_name, scheduler,
+                shift, denoise, skip_layers="", skip_scale=3.0, skip_start=0.01, skip_end=0.15) -> io.NodeOutput:
         from comfy_extras.nodes_model_advanced import ModelSamplingSD3
         from comfy_extras.nodes_sd3 import SkipLayerGuidanceSD3
 
@@ -105,9 +118,9 @@ class SD35FP8Sampler:
                     "skip_layers": skip_layers, "skip_scale": skip_scale, "skip_start": skip_start,
                     "skip_end": skip_end}
         if preset != "custom":
-            if preset not in PRESETS:
-                raise ValueError(f"preset: {preset!r} is not one of {['custom', *PRESETS]}")
-            settings.update(PRESETS[preset])
+            if preset not in SAMPLER_PRESETS:
+                raise ValueError(f"preset: {preset!r} is not one of {['custom', *SAMPLER_PRESETS]}")
+            settings.update(SAMPLER_PRESETS[preset])
         if settings["skip_start"] >= settings["skip_end"] and settings["skip_layers"].strip():
             raise ValueError(f"skip_start ({settings['skip_start']}) must be below skip_end ({settings['skip_end']})")
         layers = parse_skip_layers(settings["skip_layers"])
@@ -136,4 +149,4 @@ class SD35FP8Sampler:
         stats = [f"preset {preset}: {used}",
                  f"{seconds:.2f} s total, {seconds / settings['steps']:.3f} s/step, {_peak_memory_text(device)}",
                  *notes]
-        return (latent, "\n".join(stats))
+        return io.NodeOutput(latent, "\n".join(stats))

@@ -14,6 +14,7 @@ import os
 import comfy.model_management
 import folder_paths
 import torch
+from comfy_api.v0_0_2 import io
 
 from ..quant.checkpoint import LAYOUTS, save_quantized, to_stock_layout
 from ..quant.formats import format_name, is_fp8
@@ -57,37 +58,34 @@ def fp8_state_dict(model, layout: str = "stock_compatible") -> tuple[dict, dict[
     return sd, layer_formats, notes
 
 
-class SD35FP8SaveModel:
-    TITLE = "Save FP8 Model"
-    CATEGORY = f"{CATEGORY}/save"
-    DESCRIPTION = ("Saves the FP8 diffusion model to the output folder as a .safetensors in ComfyUI's native "
-                   "quantized layout, loadable by stock ComfyUI's Load Diffusion Model (UNETLoader). Never "
-                   "overwrites; a failed save leaves no partial file.")
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-    FUNCTION = "save"
+class SD35FP8SaveModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SD35FP8SaveModel",
+            display_name="Save FP8 Model",
+            category=f"{CATEGORY}/save",
+            description="Saves the FP8 diffusion model to the output folder as a .safetensors in ComfyUI's native "
+                        "quantized layout, loadable by stock ComfyUI's Load Diffusion Model (UNETLoader). Never "
+                        "overwrites; a failed save leaves no partial file.",
+            inputs=[
+                io.Model.Input("model", tooltip="An FP8 model from the FP8 loaders or Quantize Model to FP8."),
+                io.String.Input("filename_prefix", default="diffusion_models/sd35_fp8",
+                                tooltip="Path under the output folder; a counter is appended."),
+                io.Combo.Input("layout", options=["auto", "stock_compatible"], default="stock_compatible",
+                               optional=True,
+                               tooltip="stock_compatible (default): one float8_e4m3fn scale per layer, the form every "
+                                       "ComfyUI with mixed-precision support runs natively (0.8+ on FP8 GPUs "
+                                       "included), at slightly higher error than per-channel. auto: keep the model's "
+                                       "own scales (per-channel where it has them): read by this pack's loaders and "
+                                       "ComfyUI 0.3.75; ComfyUI 0.8 reads them on CPUs and CUDA 12 builds only."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "An FP8 model from the FP8 loaders or Quantize Model to FP8."}),
-                "filename_prefix": ("STRING", {"default": "diffusion_models/sd35_fp8",
-                                               "tooltip": "Path under the output folder; a counter is appended."}),
-            },
-            "optional": {
-                "layout": (["auto", "stock_compatible"], {
-                    "default": "stock_compatible",
-                    "tooltip": "stock_compatible (default): one float8_e4m3fn scale per layer, the form every "
-                               "ComfyUI with mixed-precision support runs natively (0.8+ on FP8 GPUs included), at "
-                               "slightly higher error than per-channel. auto: keep the model's own scales "
-                               "(per-channel where it has them): read by this pack's loaders and ComfyUI 0.3.75; "
-                               "ComfyUI 0.8 reads them on CPUs and CUDA 12 builds only.",
-                }),
-            },
-        }
-
-    def save(self, model, filename_prefix, layout="stock_compatible"):
+    def execute(cls, model, filename_prefix, layout="stock_compatible") -> io.NodeOutput:
         if layout not in LAYOUTS:
             raise ValueError(f"layout: {layout!r} is not one of {sorted(LAYOUTS)}")
         output_dir = folder_paths.get_output_directory()
@@ -118,4 +116,4 @@ class SD35FP8SaveModel:
             counter += 1
         save_quantized(path, sd, layer_formats, metadata=metadata, overwrite=False)
         text = f"saved {os.path.relpath(path, output_dir)}: {len(layer_formats)} FP8 layers; {'; '.join(notes)}"
-        return {"ui": {"text": [text]}}
+        return io.NodeOutput(ui={"text": [text]})

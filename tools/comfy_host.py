@@ -203,7 +203,7 @@ def load_nodes(pack_name: str = "sd35_fp8") -> dict:
     class Catch(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             msg = record.getMessage()
-            if "Cannot import" in msg and pack_name in msg or "IMPORT FAILED" in msg and pack_name in msg:
+            if pack_name in msg and ("Cannot import" in msg or "IMPORT FAILED" in msg or "comfy_entrypoint" in msg):
                 failures.append(msg + ("\n" + record.exc_text if record.exc_text else ""))
 
     handler = Catch()

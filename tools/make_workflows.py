@@ -131,10 +131,23 @@ def render_all(defs: dict[str, dict]) -> dict[Path, str]:
 
     files = {}
     for name, build in SOURCES.items():
-        graph = build()
+        graph = show_preset_values(build(), defs)
         files[WORKFLOWS / "api" / f"{name}.json"] = json.dumps(graph, indent=2) + "\n"
         files[WORKFLOWS / f"{name}.json"] = json.dumps(ui_workflow(graph, defs), indent=2) + "\n"
     return files
+
+
+SAMPLER, PRESETS_KEY = "SD35FP8Sampler", "sd35_fp8_presets"
+
+
+def show_preset_values(graph: dict, defs: dict) -> dict:
+    """A sampler on a preset shows the preset's values in its widgets, as the frontend extension fills them on a
+    pick (the preset table comes with the node's definition)."""
+    presets = next(o.get(PRESETS_KEY, {}) for n, _, o in defs[SAMPLER]["inputs"] if n == "preset")
+    for node in graph.values():
+        if node["class_type"] == SAMPLER:
+            node["inputs"].update(presets.get(node["inputs"]["preset"], {}))
+    return graph
 
 
 def _boot_host() -> dict:

@@ -124,3 +124,31 @@ def test_queue_txt2img_from_the_page(page, server, fixture_files):
     page.wait_for_timeout(1000)
     page.screenshot(path=str(ARTIFACTS / "txt2img_queued.png"))
     assert not [e for e in page.page_errors if "SD35FP8" in e]
+
+
+def test_picking_a_sampler_preset_fills_its_widgets(page, server):
+    """What the graph shows is what runs: the preset's values land in the sampler's widgets (web/sd35_fp8.js)."""
+    with urllib.request.urlopen(server.url + "/object_info/SD35FP8Sampler", timeout=30) as r:
+        presets = json.loads(r.read())["SD35FP8Sampler"]["input"]["required"]["preset"][1]["sd35_fp8_presets"]
+    assert set(presets) == {"sd35_large", "sd35_medium", "sd35_large_turbo"}
+    shown = page.evaluate("""(names) => {
+        window.app.graph.clear();
+        const node = LiteGraph.createNode('SD35FP8Sampler');
+        window.app.graph.add(node);
+        const widget = (name) => node.widgets.find(w => w.name === name);
+        const out = {};
+        for (const preset of names) {
+            widget('preset').value = preset;        // what a pick in the combo does: set, then call back
+            widget('preset').callback(preset);
+            out[preset] = Object.fromEntries(node.widgets.map(w => [w.name, w.value]));
+        }
+        widget('steps').value = 7;
+        widget('preset').value = 'custom';
+        widget('preset').callback('custom');
+        out.custom = Object.fromEntries(node.widgets.map(w => [w.name, w.value]));
+        return out;
+    }""", [*presets])
+    for name, values in presets.items():
+        assert {k: shown[name][k] for k in values} == values, name
+    assert shown["custom"]["steps"] == 7  # custom leaves the widgets as they are
+    assert not [e for e in page.page_errors if "sd35_fp8" in e.lower()]

@@ -69,3 +69,9 @@ def write_legacy_scaled_fp8(source: Path, path: Path, prefix: str = "") -> dict[
             legacy[key] = tensor
     save_file(legacy, str(path))
     return legacy
+
+
+def combo_options(definition) -> list:
+    """A combo input's choices from a node definition (INPUT_TYPES or /object_info): ComfyUI 0.3.75 lists them
+    first; 0.8.0's V3 nodes say "COMBO" and list them under "options"."""
+    return list(definition[0]) if isinstance(definition[0], list | tuple) else list(definition[1]["options"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from helpers import combo_options
+
 QUANT = ["fp8_format", "scaling", "protect_preset", "compute"]
 CONTRACT = {
     "SD35FP8CheckpointLoader": ("Load SD3.5 Checkpoint (FP8)", ["ckpt_name", *QUANT, "text_encoder_fp8"],
@@ -49,6 +51,16 @@ def test_every_contract_node_matches(comfy_nodes):
                 if name in CHOICES:
                     expected = CHOICES[name] + (["disabled"] if node_id == "SD35FP8CheckpointLoader"
                                                 and name == "fp8_format" else [])
-                    assert list(definition[0]) == expected, f"{node_id}.{name}"
+                    assert combo_options(definition) == expected, f"{node_id}.{name}"
     assert comfy_nodes["SD35FP8SaveModel"].OUTPUT_NODE is True
+
+
+def test_nodes_are_v3_and_the_hardware_device_is_a_list_of_devices_present(comfy_nodes):
+    import torch
+    from comfy_api.latest import io
+
+    assert all(issubclass(comfy_nodes[node_id], io.ComfyNode) for node_id in CONTRACT)
+    device = comfy_nodes["SD35FP8HardwareInfo"].INPUT_TYPES()["optional"]["device"]
+    expected = ["auto", "cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    assert combo_options(device)[: len(expected)] == expected and device[1]["default"] == "auto"
 

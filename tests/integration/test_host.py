@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import comfy_host
+from helpers import combo_options
 
 CONTRACT_IDS = {
     "SD35FP8CheckpointLoader", "SD35FP8DiffusionModelLoader", "SD35FP8QuantizeModel", "SD35FP8QuantizeCLIP",
@@ -72,7 +73,16 @@ def test_http_server_starts_and_lists_our_nodes(tmp_path, comfy_dir, comfy_base)
         assert CONTRACT_IDS <= set(info)
         assert info["SD35FP8Sampler"]["category"] == "SD3.5 FP8/sampling"
         assert info["SD35FP8CheckpointLoader"]["display_name"] == "Load SD3.5 Checkpoint (FP8)"
-        assert "tiny_sd35_large.safetensors" in info["SD35FP8CheckpointLoader"]["input"]["required"]["ckpt_name"][0]
+        ckpt_names = combo_options(info["SD35FP8CheckpointLoader"]["input"]["required"]["ckpt_name"])
+        assert "tiny_sd35_large.safetensors" in ckpt_names
+        # V3 nodes; the frontend extension and a help page per node are served from web/
+        assert all(info[node_id].get("python_module", "").endswith("sd35_fp8") for node_id in CONTRACT_IDS)
+        with urllib.request.urlopen(server.url + "/extensions", timeout=30) as r:
+            assert "/extensions/sd35_fp8/sd35_fp8.js" in json.loads(r.read())
+        for node_id in sorted(CONTRACT_IDS):
+            with urllib.request.urlopen(f"{server.url}/extensions/sd35_fp8/docs/{node_id}.md", timeout=30) as r:
+                page = r.read().decode()
+            assert page.startswith(f"# {info[node_id]['display_name']}\n") and "## Inputs" in page, node_id
         failed = [line for line in server.log_text().splitlines() if "IMPORT FAILED" in line or "Cannot import" in line]
         assert not [line for line in failed if "sd35_fp8" in line], failed
     finally:

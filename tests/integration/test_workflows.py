@@ -84,3 +84,16 @@ def test_api_workflow_validates_and_runs_on_fixtures(runner, fixture_files, tiny
             assert 0.5 < ssim < 1.0 and psnr > 15 and torch.isfinite(diff).all() and "SSIM" in report
         if node["class_type"] == "SD35FP8HardwareInfo":
             assert runner.node_outputs(node_id)[2] == "weight_only"  # this CI machine is a CPU
+
+
+def test_samplers_on_a_preset_show_the_preset_values(defs):
+    """The shipped graphs show what runs: a sampler on a preset carries that preset's values in its widgets."""
+    presets = next(o["sd35_fp8_presets"] for n, _, o in defs["SD35FP8Sampler"]["inputs"] if n == "preset")
+    checked = 0
+    for path in API:
+        for node in json.loads(path.read_text()).values():
+            if node["class_type"] == "SD35FP8Sampler" and node["inputs"]["preset"] != "custom":
+                values = presets[node["inputs"]["preset"]]
+                assert {k: node["inputs"][k] for k in values} == values, path.name
+                checked += 1
+    assert checked >= 4
