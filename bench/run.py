@@ -24,15 +24,9 @@ WEIGHTS_NOTE = ("random weights (no real SD3.5 weights can be downloaded here), 
 
 
 def _soak(quick: bool) -> dict:
-    """bench/soak.py (written separately) if present: run(n_prompts) -> dict; its failure is recorded, not raised."""
+    """bench/soak.py's run(n_prompts) -> dict; its failure is recorded in the results, not raised."""
     try:
-        soak = importlib.import_module("bench.soak")
-    except ModuleNotFoundError as err:
-        if err.name != "bench.soak":
-            return {"error": f"bench.soak failed to import: {err}"}
-        return {"error": "bench/soak.py does not exist yet"}
-    try:
-        return dict(soak.run(n_prompts=SOAK_PROMPTS[quick]))
+        return dict(importlib.import_module("bench.soak").run(n_prompts=SOAK_PROMPTS[quick]))
     except Exception as err:  # noqa: BLE001 - recorded in the results, the rest of the run goes on
         return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
 

@@ -29,13 +29,6 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-def effective_module(patcher, key: str) -> torch.nn.Module:
-    """The module `patcher` runs for `key`: its own object patch, else the original. Clones share one
-    module tree, and while another clone is loaded its object patches sit in it; ModelPatcher's
-    get_model_object looks through its (shared) backup for the original."""
-    return patcher.get_model_object(key)
-
-
 def _original_weight(patcher, key: str, module: torch.nn.Module) -> torch.Tensor:
     """The layer's own weight, without LoRA merged in by a patcher that is currently applied."""
     for candidate in (patcher, getattr(patcher, "parent", None)):
@@ -70,7 +63,8 @@ def quantize_modules(
     root = comfy.utils.get_attr(patcher.model, root_attr) if root_attr else patcher.model
     prefix = f"{root_attr}." if root_attr else ""
     ops = make_fp8_ops(compute)
-    modules = ((n, effective_module(patcher, f"{prefix}{n}")) for n, _ in root.named_modules() if n)
+    # clones share one module tree; get_model_object looks through an applied clone's object patches
+    modules = ((n, patcher.get_model_object(f"{prefix}{n}")) for n, _ in root.named_modules() if n)
     linears = [(n, m) for n, m in modules if is_linear(m)]
     progress = comfy.utils.ProgressBar(max(len(linears), 1))
     handled: set[int] = set()

@@ -7,10 +7,10 @@ Public API (keyword arguments, one verb each):
     probe_device / resolve_compute                 (quant.hardware)
     resolve_policy / detect_variant                (quant.policy)
     quantize_safetensors_stream                    (quant.streaming)
-    save_quantized / load_quantized                (quant.checkpoint)
+    save_quantized                                 (quant.checkpoint)
 """
 
-from .checkpoint import load_quantized, save_quantized
+from .checkpoint import save_quantized
 from .config import QuantConfig
 from .formats import dequantize_weight, quantize_weight
 from .hardware import probe_device, resolve_compute
@@ -21,7 +21,7 @@ from .report import Report
 from .streaming import quantize_safetensors_stream, quantize_state_dict
 
 __all__ = [
-    "FP8Linear", "QuantConfig", "Report", "dequantize_weight", "detect_variant", "load_quantized", "probe_device",
+    "FP8Linear", "QuantConfig", "Report", "dequantize_weight", "detect_variant", "probe_device",
     "quantize", "quantize_safetensors_stream", "quantize_state_dict", "quantize_weight", "resolve_compute",
     "resolve_policy", "save_quantized",
 ]

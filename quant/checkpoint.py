@@ -5,8 +5,8 @@ ones into their per-layer `comfy_quant` form): `<layer>.weight` float8, `<layer>
 float32 ([] or [out, 1]), header metadata `_quantization_metadata` =
 {"format_version": "1.0", "layers": {"<layer>": {"format": "float8_e4m3fn"}}}.
 
-Read layouts: the above, and ComfyUI's older "scaled fp8" (`scaled_fp8` marker tensor,
-`<layer>.scale_weight`), which is converted to the above on load.
+Read layouts (quant.streaming): the above, ComfyUI 0.8.0's `.comfy_quant` entries, and ComfyUI's older
+"scaled fp8" (`scaled_fp8` marker tensor, `<layer>.scale_weight`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .formats import dequantize_weight, format_name, is_fp8, quantize_weight
+from .formats import dequantize_weight, quantize_weight
 
 QUANT_METADATA_KEY = "_quantization_metadata"
 LEGACY_MARKER = "scaled_fp8"
@@ -206,47 +206,6 @@ def save_quantized(path: str | os.PathLike, sd: dict[str, torch.Tensor], layer_f
             os.unlink(tmp)
         raise
     return path
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    return dict(check_safetensors(path).get("__metadata__", {}) or {})
-
-
-def load_quantized(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
-    """(state dict in our layout, {layer: format}, header metadata). Legacy scaled_fp8 files are converted."""
-    refuse_pickle(path)
-    metadata = read_metadata(path)
-    sd = load_file(str(path))
-    raw = metadata.get(QUANT_METADATA_KEY)
-    if raw is not None:
-        layers = json.loads(raw).get("layers", {})
-        formats = {name: (v.get("format") if isinstance(v, dict) else str(v)) for name, v in layers.items()
-                   if f"{name}.weight" in sd}  # all-in-one files also list prefixed names for newer ComfyUI
-        return sd, formats, metadata
-    marker = next((k for k in sd if k == LEGACY_MARKER or k.endswith("." + LEGACY_MARKER)), None)
-    if marker is not None:
-        return convert_legacy_scaled_fp8(sd, marker), _formats_from_tensors(sd), metadata
-    return sd, _formats_from_tensors(sd), metadata
-
-
-def convert_legacy_scaled_fp8(sd: dict[str, torch.Tensor], marker: str = LEGACY_MARKER) -> dict[str, torch.Tensor]:
-    """Older ComfyUI scaled fp8 -> our layout, in place: scale_weight -> weight_scale, marker and input scales
-    dropped. Every float8 weight must have a scale (legacy biases in fp8 are upcast)."""
-    sd.pop(marker, None)
-    for key in [k for k in sd if k.endswith(".scale_weight")]:
-        sd[key[: -len(".scale_weight")] + ".weight_scale"] = sd.pop(key).float()
-    for key in [k for k in sd if k.endswith(".scale_input")]:
-        sd.pop(key)
-    for key in [k for k in sd if is_fp8(sd[k])]:
-        if key.endswith(".weight") and key[: -len(".weight")] + ".weight_scale" in sd:
-            continue
-        sd[key] = sd[key].to(torch.float16)  # unscaled fp8 tensors (biases, embedders in legacy files)
-    return sd
-
-
-def _formats_from_tensors(sd: dict[str, torch.Tensor]) -> dict[str, str]:
-    return {k[: -len(".weight")]: format_name(v.dtype) for k, v in sd.items()
-            if k.endswith(".weight") and is_fp8(v) and k[: -len(".weight")] + ".weight_scale" in sd}
 
 
 def inspect_file(path: str | os.PathLike) -> dict:

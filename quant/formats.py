@@ -84,17 +84,6 @@ def _check_scaling(weight: torch.Tensor, scaling: str) -> None:
         raise ValueError(f"per_channel scaling needs a 2-D weight, got shape {tuple(weight.shape)}")
 
 
-def compute_scale(weight: torch.Tensor, fmt: str = "float8_e4m3fn", scaling: str = "per_channel") -> torch.Tensor:
-    """float32 absmax scale: [out, 1] for per_channel, [] for per_tensor.
-
-    An all-zero row (or tensor) gets scale 1.0, so dequantization gives exact zeros
-    and nothing divides by zero.
-    """
-    _check_scaling(weight, scaling)
-    absmax = _absmax(weight, 1 if scaling == "per_channel" else None)
-    return _scale_from_absmax(absmax, fp8_max(fmt))
-
-
 def _chunk_rows(weight: torch.Tensor) -> int:
     budget = _CPU_CHUNK_ELEMENTS if weight.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS
     return max(1, budget // max(1, weight[0].numel()))
@@ -330,11 +319,6 @@ def _per_tensor_error(tensor: torch.Tensor, dtype: torch.dtype, absmax: float) -
     for chunk in rows.split(_chunk_rows(rows)):
         _quantize_chunks(chunk, scale, dtype, None, False, errors)
     return errors.relative
-
-
-def plain_cast(weight: torch.Tensor, fmt: str = "float8_e4m3fn") -> torch.Tensor:
-    """The baseline we beat: a bare cast with no scale (what ComfyUI's fp8 weight dtype does)."""
-    return weight.to(fp8_dtype(fmt))
 
 
 def _flat_chunks(*tensors: torch.Tensor):
