@@ -26,7 +26,7 @@ $(STAMP): requirements-test.txt Makefile
 venv: $(STAMP)
 
 host: venv
-	$(PY) -c "import sys; sys.path.insert(0, 'tools'); from comfy_host import materialise; print(materialise('$(CACHE)', '0.3.75'))"
+	$(PY) -c "from tools.comfy_host import materialise; print(materialise('$(CACHE)', '0.3.75'))"
 
 # ComfyUI 0.8.0: its release source (hash-checked) and the packages it pins apart from the venv
 $(CACHE)/site-0.8.0/.installed: requirements-host-0.8.0.txt
@@ -35,10 +35,10 @@ $(CACHE)/site-0.8.0/.installed: requirements-host-0.8.0.txt
 	touch $@
 
 hosts: host $(CACHE)/site-0.8.0/.installed
-	$(PY) -c "import sys; sys.path.insert(0, 'tools'); from comfy_host import materialise; print(materialise('$(CACHE)', '0.8.0'))"
+	$(PY) -c "from tools.comfy_host import materialise; print(materialise('$(CACHE)', '0.8.0'))"
 
 fixtures: host
-	$(PY) tools/tiny_sd35.py --comfy $(CACHE)/comfyui-0.3.75 --out $(CACHE)/fixtures
+	$(PY) -m tools.tiny_sd35 --comfy $(CACHE)/comfyui-0.3.75 --out $(CACHE)/fixtures
 
 # Debian's chromium for the browser test (the frontend is comfyui-frontend-package, pinned in requirements-test.txt)
 browser:
@@ -58,12 +58,12 @@ test: lint fixtures browser hosts
 
 # txt2img + FP16-vs-FP8 A/B through the real ComfyUI on your checkpoint (SD35_CHECKPOINT=...) or a tiny one
 demo: host
-	$(PY) tools/demo.py
+	$(PY) -m tools.demo
 
 # ComfyUI with this pack and the frontend on http://127.0.0.1:8188 (CPU here; drop --cpu on a GPU machine)
 serve: host
 	mkdir -p demo-output
-	$(PY) -c "import sys; sys.path.insert(0, 'tools'); from comfy_host import make_base_dir, link_model; \
+	$(PY) -c "from tools.comfy_host import make_base_dir, link_model; \
 	  from pathlib import Path; b = make_base_dir('demo-output', '.'); \
 	  [link_model(b, 'checkpoints', p) for p in Path('models/checkpoints').glob('*.safetensors')]"
 	cd $(CACHE)/comfyui-0.3.75 && $(abspath $(PY)) main.py --cpu --listen 127.0.0.1 --port 8188 \

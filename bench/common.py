@@ -8,7 +8,6 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,10 +30,7 @@ def setup_torch() -> None:
 def boot_host(cpu: bool = True) -> Path:
     """Materialise and boot ComfyUI in this process (--cpu unless `cpu` is False); returns its folder. The host is
     COMFY_HOST's (default 0.3.75), in FP8-device mode where COMFY_FP8_DEVICE=1 (tools/comfy_host.py)."""
-    tools = str(REPO / "tools")
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
-    import comfy_host
+    from tools import comfy_host
 
     comfy_host.activate_overlay(CACHE, comfy_host.host_version())
     comfy_dir = comfy_host.materialise(CACHE)

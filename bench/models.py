@@ -13,7 +13,6 @@ side by side at the cost of their FP8 weights only.
 from __future__ import annotations
 
 import copy
-import sys
 
 import torch
 
@@ -22,7 +21,6 @@ from quant.policy import resolve_policy
 from quant.quantize import quantize, quantize_tables
 from quant.report import Report
 
-from .common import REPO
 from .weights import fill_
 
 CONTEXT_TOKENS = 154  # CLIP-L/G (77) + T5-XXL (77) tokens, as SD3.5's text encoders give
@@ -32,10 +30,7 @@ LATENT_CHANNELS = 16
 
 
 def _tiny_sd35():
-    tools = str(REPO / "tools")
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
-    import tiny_sd35
+    from tools import tiny_sd35
 
     return tiny_sd35
 

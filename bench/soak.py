@@ -69,10 +69,7 @@ async def probe(request):
 
 
 def _tools():
-    tools = str(REPO / "tools")
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
-    import comfy_host
+    from tools import comfy_host
 
     return comfy_host
 

@@ -95,9 +95,7 @@ def _stock_model(sd16: dict, variant: str, depth: int | None, full_precision: bo
 
 
 def _tiny():
-    if str(REPO / "tools") not in sys.path:
-        sys.path.insert(0, str(REPO / "tools"))
-    import tiny_sd35
+    from tools import tiny_sd35
 
     return tiny_sd35
 

@@ -13,11 +13,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import sys
 
 import torch
-
-from .common import REPO
 
 KINDS = ("gaussian", "student_t")
 T_DOF = 4
@@ -59,10 +56,7 @@ def matrix(shape: tuple[int, ...], kind: str, gen: torch.Generator) -> torch.Ten
 @functools.lru_cache(maxsize=1)
 def sincos_pos_embed(shape: tuple[int, ...]) -> torch.Tensor:
     """SD3's fixed 2-D sin-cos position table (tools/tiny_sd35.py), float16-rounded (cached: do not modify)."""
-    tools = str(REPO / "tools")
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
-    import tiny_sd35
+    from tools import tiny_sd35
 
     return tiny_sd35.sincos_pos_embed(shape).half().float()
 

@@ -124,6 +124,8 @@ def _entry_problem(entry: object, data_size: int) -> str | None:
     bits = numel * SAFETENSORS_BITS[dtype]
     if bits % 8 or offsets[1] - offsets[0] != bits // 8:
         return f"{offsets[1] - offsets[0]} bytes for shape {shape} of {dtype}"
+    if shape and shape[-1] * SAFETENSORS_BITS[dtype] % 8:  # packed rows end on a byte (safetensors' own rule)
+        return f"rows of {shape[-1]} {dtype} values do not end on a byte boundary"
     return None
 
 

@@ -18,12 +18,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tools import comfy_host
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache"
 PACK_NAME = "sd35_fp8"
-sys.path.insert(0, str(REPO / "tools"))
-
-import comfy_host  # noqa: E402
 
 HOST = comfy_host.host_version()
 comfy_host.activate_overlay(CACHE, HOST)  # before anything imports the host's packages
@@ -54,7 +53,7 @@ def fixture_files() -> dict:
     (the first) builds them for every host's run."""
     out = CACHE / "fixtures"
     builder = comfy_host.materialise(CACHE, comfy_host.HOSTS[0])
-    subprocess.run([sys.executable, str(REPO / "tools" / "tiny_sd35.py"), "--comfy", str(builder), "--out", str(out)],
+    subprocess.run([sys.executable, "-m", "tools.tiny_sd35", "--comfy", str(builder), "--out", str(out)],
                    check=True, stdout=subprocess.DEVNULL, env={**os.environ, "COMFY_FP8_DEVICE": ""})
     manifest = json.loads((out / "manifest.json").read_text())
     files = {"dir": out, "manifest": manifest}

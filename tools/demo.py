@@ -16,10 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
+from tools import comfy_host
 
-import comfy_host  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 OFFICIAL = ("sd3.5_large.safetensors", "sd3.5_medium.safetensors", "sd3.5_large_turbo.safetensors")
 DEMO_DIR = REPO / "demo-output"
@@ -41,8 +40,8 @@ def find_checkpoint() -> Path | None:
 
 def tiny_checkpoint(comfy_dir: Path) -> Path:
     out = REPO / ".cache" / "fixtures"
-    subprocess.run([sys.executable, str(REPO / "tools" / "tiny_sd35.py"), "--comfy", str(comfy_dir), "--out",
-                    str(out)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "tools.tiny_sd35", "--comfy", str(comfy_dir), "--out", str(out)],
+                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     return out / json.loads((out / "manifest.json").read_text())["files"]["large"]["all_in_one"]
 
 

@@ -1,7 +1,7 @@
 """Write the shipped workflows from tools/workflow_sources.py in both formats.
 
-    python tools/make_workflows.py            # (re)write workflows/api/*.json and workflows/*.json
-    python tools/make_workflows.py --check    # exit 1 if the files on disk differ from what would be written
+    python -m tools.make_workflows            # (re)write workflows/api/*.json and workflows/*.json
+    python -m tools.make_workflows --check    # exit 1 if the files on disk differ from what would be written
 
 The API graphs are the source of truth. The UI form (what the frontend loads and saves: nodes,
 links, widgets_values) is derived from them with the node definitions of a real ComfyUI host, so
@@ -126,8 +126,7 @@ def ui_workflow(graph: dict, defs: dict[str, dict]) -> dict:
 
 
 def render_all(defs: dict[str, dict]) -> dict[Path, str]:
-    sys.path.insert(0, str(REPO / "tools"))
-    from workflow_sources import WORKFLOWS as SOURCES
+    from tools.workflow_sources import WORKFLOWS as SOURCES
 
     files = {}
     for name, build in SOURCES.items():
@@ -151,8 +150,7 @@ def show_preset_values(graph: dict, defs: dict) -> dict:
 
 
 def _boot_host() -> dict:
-    sys.path.insert(0, str(REPO / "tools"))
-    import comfy_host
+    from tools import comfy_host
 
     comfy_dir = comfy_host.materialise(REPO / ".cache")
     base = comfy_host.make_base_dir(Path(tempfile.mkdtemp(prefix="sd35_fp8_wf_")), REPO, "sd35_fp8")
@@ -171,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     stale = [p for p, text in files.items() if not p.exists() or p.read_text() != text]
     if args.check:
         for path in stale:
-            print(f"out of date: {path.relative_to(REPO)} (run python tools/make_workflows.py)")
+            print(f"out of date: {path.relative_to(REPO)} (run python -m tools.make_workflows)")
         return 1 if stale else 0
     for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -225,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from comfy_host import boot
+    from tools.comfy_host import boot
 
     boot(args.comfy)
     manifest = build_all(Path(args.out), args.seed)

@@ -1,6 +1,6 @@
 """The shipped workflows, written once as API-format graphs (the source of truth).
 
-`python tools/make_workflows.py` writes them to workflows/api/*.json (API format, for the
+`python -m tools.make_workflows` writes them to workflows/api/*.json (API format, for the
 server and scripts) and workflows/*.json (UI format, for the frontend), so the two forms
 never drift apart. Default model names are the official SD3.5 file names.
 """

@@ -13,8 +13,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-import comfy_host
 import pytest
+
+from tools import comfy_host
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts" / "browser"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import comfy_host
 import pytest
 import torch
 from helpers import fp8_layers, host_quantized_layers, write_legacy_scaled_fp8
 from prompts import decode_and_preview, encode, ksampler
-from tiny_sd35 import build_mmdit
+
+from tools import comfy_host
+from tools.tiny_sd35 import build_mmdit
 
 
 def _quant(pack):

@@ -8,11 +8,12 @@ is taken here by giving the host a device with almost no memory for weights.
 
 from __future__ import annotations
 
-import comfy_host
 import pytest
 import torch
 from helpers import FP8, effective_linears, fp8_layers
 from prompts import dm_loader, encode, fp8_loader, ksampler
+
+from tools import comfy_host
 
 
 def _wide_everywhere_but_fp8_layers(model) -> None:

@@ -9,8 +9,9 @@ import textwrap
 import urllib.request
 from pathlib import Path
 
-import comfy_host
 from helpers import combo_options
+
+from tools import comfy_host
 
 CONTRACT_IDS = {
     "SD35FP8CheckpointLoader", "SD35FP8DiffusionModelLoader", "SD35FP8QuantizeModel", "SD35FP8QuantizeCLIP",
@@ -48,9 +49,7 @@ def test_pack_import_failure_fails_the_harness(tmp_path, comfy_dir):
     broken.mkdir()
     (broken / "__init__.py").write_text("raise ImportError('deliberately broken')\n")
     script = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(REPO / 'tools')!r})
-        import comfy_host
+        from tools import comfy_host
         base = comfy_host.make_base_dir({str(tmp_path / 'base')!r}, {str(broken)!r}, 'sd35_fp8')
         comfy_host.boot({str(comfy_dir)!r}, base)
         try:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 
-import comfy_host
 import pytest
 import torch
 from helpers import host_quantized_layers, write_legacy_scaled_fp8
 from prompts import decode_and_preview, encode, ksampler, quantize_model
 from safetensors import safe_open
+
+from tools import comfy_host
 
 
 @pytest.fixture(scope="module")

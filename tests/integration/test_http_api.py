@@ -21,12 +21,13 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import comfy_host
 import numpy as np
 import pytest
 from helpers import combo_options
 from PIL import Image
 from prompts import dm_loader, encode, fp8_loader, our_sampler, quantize_model
+
+from tools import comfy_host
 
 REPO = Path(__file__).resolve().parents[2]
 IN_ACCESS, IN_OPEN = 0x1, 0x20

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import comfy_host
 import numpy as np
 import torch
 from helpers import FP8, fp8_layers, same_bits, snapshot
 from prompts import decode_and_preview, encode, ksampler, quantize_model
 from skimage.metrics import structural_similarity
+
+from tools import comfy_host
 
 # Decoded-image SSIM the FP8 branch must reach against FP16. Measured on these random-weight fixtures
 # at 3 steps: ~0.99 (README, "Tested with"). Random weights have no smooth structure to hide error

@@ -20,12 +20,13 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-import comfy_host
 import pytest
 import torch
 from helpers import fp8_layers, snapshot
 from prompts import dm_loader, encode, fp8_loader, our_sampler, quantize_model
 from safetensors.torch import load_file, save_file
+
+from tools import comfy_host
 
 SUB = "reliability"  # our bad files live in models/<folder>/reliability/
 NAN_LAYER = "joint_blocks.1.x_block.mlp.fc1"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 
-import comfy_host
 import pytest
 from helpers import fp8_layers, host_quantized_layers
 from prompts import decode_and_preview, encode, fp8_loader, ksampler
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from tools import comfy_host
 
 
 def _save_prompt(ckpt: str, prefix: str, layout: str = "auto") -> dict:

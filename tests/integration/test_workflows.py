@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from make_workflows import node_definitions, render_all, widget_count
+
+from tools.make_workflows import node_definitions, render_all, widget_count
 
 REPO = Path(__file__).resolve().parents[2]
 API = sorted((REPO / "workflows" / "api").glob("*.json"))
@@ -30,7 +31,7 @@ def test_seven_workflows_in_both_forms():
 def test_files_match_their_source(defs):
     """UI files are generated from the API graphs with this host's node definitions: nothing drifted."""
     for path, text in render_all(defs).items():
-        assert path.read_text() == text, f"{path.name} is stale: run python tools/make_workflows.py"
+        assert path.read_text() == text, f"{path.name} is stale: run python -m tools.make_workflows"
 
 
 def test_official_model_names_by_default():

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from tiny_sd35 import sincos_pos_embed
 from torch import nn
+
+from tools.tiny_sd35 import sincos_pos_embed
 
 
 class Attn(nn.Module):

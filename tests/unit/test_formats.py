@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_sd35 import sincos_pos_embed
 
 from quant.formats import (
     dequantize_weight,
@@ -16,6 +15,7 @@ from quant.formats import (
     relative_error,
     widen_fp8,
 )
+from tools.tiny_sd35 import sincos_pos_embed
 
 FORMATS = ["float8_e4m3fn", "float8_e5m2"]
 
