@@ -14,6 +14,26 @@ PACK_VERSION = "0.1.0"
 INFO_KEY = "sd35_fp8"  # model_options entry where loaders/quantizers record what they did (copied on clone)
 
 
+class PackNode(io.ComfyNode):
+    """A V3 node whose V1 view (INPUT_TYPES, what ComfyUI's validator reads) lists each combo's choices the V1 way.
+
+    ComfyUI 0.3.75's validator checks a combo value only when INPUT_TYPES gives the choices as a list; V3's own
+    form ("COMBO" + "options") it lets through unchecked, so a model name outside the list would reach the node.
+    0.8.0 reads both forms. The frontend gets the V3 form either way (object_info is built from the schema).
+    """
+
+    @classmethod
+    def INPUT_TYPES(cls, *args, **kwargs):  # noqa: N802 - ComfyUI's name
+        result = super().INPUT_TYPES(*args, **kwargs)
+        spec = result[0] if isinstance(result, tuple) else result
+        for group in ("required", "optional"):
+            for name, definition in list((spec.get(group) or {}).items()):
+                if definition[0] == "COMBO" and "options" in definition[1]:
+                    options = dict(definition[1])
+                    spec[group][name] = (list(options.pop("options")), options)
+        return result
+
+
 def record_info(model, source: str, rule: str, fp8_format: str, scaling: str) -> None:
     """Note on a (new or cloned) ModelPatcher how it was made, for the save node's metadata."""
     model.model_options[INFO_KEY] = {"source": source, "rule": rule, "fp8_format": fp8_format, "scaling": scaling}

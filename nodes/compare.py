@@ -5,10 +5,10 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io
 
 from ..quant.metrics import compare_images, difference_image, report_text
-from .common import CATEGORY
+from .common import CATEGORY, PackNode
 
 
-class SD35FP8CompareImages(io.ComfyNode):
+class SD35FP8CompareImages(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -6,7 +6,7 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..quant.hardware import probe_device
-from .common import CATEGORY
+from .common import CATEGORY, PackNode
 
 
 def devices_present() -> list[str]:
@@ -17,7 +17,7 @@ def devices_present() -> list[str]:
     return found
 
 
-class SD35FP8HardwareInfo(io.ComfyNode):
+class SD35FP8HardwareInfo(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

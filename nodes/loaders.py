@@ -22,7 +22,7 @@ from safetensors import safe_open
 from ..quant.checkpoint import QUANT_METADATA_KEY, refuse_pickle
 from ..quant.config import QuantConfig
 from ..quant.streaming import quantize_safetensors_stream, quantize_state_dict
-from .common import CATEGORY, protect_patterns_input, quant_inputs, record_info
+from .common import CATEGORY, PackNode, protect_patterns_input, quant_inputs, record_info
 from .fp8_ops import FLOAT8_DTYPES, check_compute_supported, make_fp8_ops
 from .fp8_tables import fp8_tables_in_place
 
@@ -89,7 +89,7 @@ def _config(fp8_format, scaling, protect_preset, compute, protect_patterns) -> Q
                        protect_patterns=protect_patterns, compute=compute)
 
 
-class SD35FP8CheckpointLoader(io.ComfyNode):
+class SD35FP8CheckpointLoader(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -193,7 +193,7 @@ def read_diffusers_transformer(folder: Path) -> dict:
     return sd
 
 
-class SD35FP8DiffusionModelLoader(io.ComfyNode):
+class SD35FP8DiffusionModelLoader(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -10,6 +10,7 @@ from ..quant.report import Report
 from .common import (
     CATEGORY,
     INFO_KEY,
+    PackNode,
     fp8_format_input,
     protect_patterns_input,
     quant_inputs,
@@ -33,7 +34,7 @@ def model_shapes(model) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in tensors}
 
 
-class SD35FP8QuantizeModel(io.ComfyNode):
+class SD35FP8QuantizeModel(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -65,7 +66,7 @@ class SD35FP8QuantizeModel(io.ComfyNode):
         return io.NodeOutput(out, report.to_text())
 
 
-class SD35FP8QuantizeCLIP(io.ComfyNode):
+class SD35FP8QuantizeCLIP(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

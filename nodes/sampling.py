@@ -16,7 +16,7 @@ import psutil
 import torch
 from comfy_api.v0_0_2 import io
 
-from .common import CATEGORY
+from .common import CATEGORY, PackNode
 
 # Recommended settings. Sources: the Hugging Face model cards of stabilityai/stable-diffusion-3.5-large
 # (28 steps, guidance 3.5), -medium (40 steps, guidance 4.5) and -large-turbo (4 steps, guidance 0-1), and
@@ -62,7 +62,7 @@ def _peak_memory_text(device: torch.device) -> str:
     return f"process RSS {psutil.Process().memory_info().rss / 2**20:.0f} MB"
 
 
-class SD35FP8Sampler(io.ComfyNode):
+class SD35FP8Sampler(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

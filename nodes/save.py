@@ -19,7 +19,7 @@ from comfy_api.v0_0_2 import io
 from ..quant.checkpoint import LAYOUTS, save_quantized, to_stock_layout
 from ..quant.formats import format_name, is_fp8
 from ..quant.policy import UNIT_SCALE_TENSORS
-from .common import CATEGORY, INFO_KEY, PACK_VERSION
+from .common import CATEGORY, INFO_KEY, PACK_VERSION, PackNode
 from .host_fp8 import fp8_weight
 from .patching import SCALE_SUFFIXES
 
@@ -58,7 +58,7 @@ def fp8_state_dict(model, layout: str = "stock_compatible") -> tuple[dict, dict[
     return sd, layer_formats, notes
 
 
-class SD35FP8SaveModel(io.ComfyNode):
+class SD35FP8SaveModel(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -184,9 +184,9 @@ def test_loaders_called_directly_resolve_names_only_inside_model_folders(comfy_n
         for name in ["../../secret/bait.safetensors", str(near), str(far), "../../secret/bait_diffusers",
                      str(far.parent / "bait_diffusers")]:
             with pytest.raises(FileNotFoundError, match="ckpt_name: .* is not in models/checkpoints"):
-                comfy_nodes["SD35FP8CheckpointLoader"]().load(ckpt_name=name, text_encoder_fp8="none", **quant)
+                comfy_nodes["SD35FP8CheckpointLoader"].execute(ckpt_name=name, text_encoder_fp8="none", **quant)
             with pytest.raises(FileNotFoundError, match="model_name: .* is not a diffusers folder"):
-                comfy_nodes["SD35FP8DiffusionModelLoader"]().load(model_name=name, **quant)
+                comfy_nodes["SD35FP8DiffusionModelLoader"].execute(model_name=name, **quant)
         assert watch.events() == [], "a file outside the model folders was opened"
     finally:
         watch.close()
