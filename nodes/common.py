@@ -14,17 +14,26 @@ PACK_VERSION = "0.1.0"
 INFO_KEY = "sd35_fp8"  # model_options entry where loaders/quantizers record what they did (copied on clone)
 
 
-class PackNode(io.ComfyNode):
-    """A V3 node whose V1 view (INPUT_TYPES, what ComfyUI's validator reads) lists each combo's choices the V1 way.
+def _host_checks_v3_combos() -> bool:
+    """Hosts that parse V3 inputs while validating a prompt (ComfyUI 0.8.0: `get_finalized_class_inputs`) also
+    check V3 combo values. Older ones (0.3.75) check a combo only when INPUT_TYPES lists its choices."""
+    from comfy_api.latest import _io
 
-    ComfyUI 0.3.75's validator checks a combo value only when INPUT_TYPES gives the choices as a list; V3's own
-    form ("COMBO" + "options") it lets through unchecked, so a model name outside the list would reach the node.
-    0.8.0 reads both forms. The frontend gets the V3 form either way (object_info is built from the schema).
+    return hasattr(_io, "get_finalized_class_inputs")
+
+
+class PackNode(io.ComfyNode):
+    """A V3 node that keeps ComfyUI 0.3.75's combo validation: there, its V1 view (INPUT_TYPES, what the validator
+    reads) lists each combo's choices the V1 way, since V3's own form ("COMBO" + "options") passes that validator
+    unchecked and a model name outside the list would reach the node. On hosts that check V3 combos it is left
+    as it is (they need the V3 form). The frontend gets the V3 form either way (object_info comes from the schema).
     """
 
     @classmethod
     def INPUT_TYPES(cls, *args, **kwargs):  # noqa: N802 - ComfyUI's name
         result = super().INPUT_TYPES(*args, **kwargs)
+        if _host_checks_v3_combos():
+            return result
         spec = result[0] if isinstance(result, tuple) else result
         for group in ("required", "optional"):
             for name, definition in list((spec.get(group) or {}).items()):
