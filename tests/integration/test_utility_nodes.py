@@ -16,7 +16,7 @@ def test_hardware_info_on_this_cpu_host(runner):
 
 
 def test_hardware_info_bad_device_is_a_clear_error(runner):
-    from comfy_host import PromptError
+    from tools.comfy_host import PromptError
 
     with pytest.raises(PromptError, match="device"):
         runner.run({"hw": {"class_type": "SD35FP8HardwareInfo", "inputs": {"device": "gpu7"}},
@@ -51,7 +51,7 @@ def test_compare_matches_skimage_on_decoded_images(runner, fixture_files):
 
 
 def test_compare_size_mismatch_names_the_inputs(runner, fixture_files):
-    from comfy_host import PromptError
+    from tools.comfy_host import PromptError
 
     prompt = {
         "a": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
