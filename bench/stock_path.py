@@ -111,7 +111,7 @@ def _ours(reference: torch.nn.Module, fp8_matmul: bool) -> torch.nn.Module:
         linear.RUN_SCALED_MM_ON_CPU = True
         for module in model.modules():
             if isinstance(module, linear.FP8Linear):
-                module._resolved["cpu"] = "fp8_matmul"
+                module.__dict__.setdefault("_resolved_compute", {})["cpu"] = "fp8_matmul"
     return model
 
 

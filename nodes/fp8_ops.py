@@ -29,7 +29,7 @@ import torch
 
 from ..quant.formats import FP8_DTYPES, dequantize_weight, format_name, is_fp8, quantize_with_scale
 from ..quant.hardware import resolve_compute
-from ..quant.linear import fp8_linear, store_weight
+from ..quant.linear import ResolvesCompute, fp8_linear
 
 FLOAT8_DTYPES = frozenset(FP8_DTYPES.values())
 
@@ -38,7 +38,7 @@ def make_fp8_ops(compute: str = "auto") -> type:
     """An ops class for one model: its Linear becomes FP8 when its state dict carries FP8 weights."""
 
     class FP8Ops(comfy.ops.manual_cast):
-        class Linear(comfy.ops.manual_cast.Linear):
+        class Linear(comfy.ops.manual_cast.Linear, ResolvesCompute):
             def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
                 torch.nn.Module.__init__(self)
                 self.in_features = in_features
@@ -46,7 +46,6 @@ def make_fp8_ops(compute: str = "auto") -> type:
                 self.target_device = device
                 self.target_dtype = dtype
                 self.compute = compute
-                self._resolved_compute: dict[str, str] = {}
                 # uninitialised like ComfyUI's own ops: untouched pages cost no memory, and the state dict
                 # replaces them (with an FP8 tensor where the file has one). Not meta: ComfyUI may move a
                 # module (CLIP does) before its weights are loaded.
@@ -91,12 +90,6 @@ def make_fp8_ops(compute: str = "auto") -> type:
                 dtype = self.target_dtype or tensor.dtype
                 return tensor.dtype if dtype in FLOAT8_DTYPES else dtype
 
-            def compute_for(self, device: torch.device) -> str:
-                key = str(device)
-                if key not in self._resolved_compute:
-                    self._resolved_compute[key] = resolve_compute(self.compute, device)
-                return self._resolved_compute[key]
-
             def forward(self, x, *args, **kwargs):
                 if not self.is_fp8:
                     return super().forward(x, *args, **kwargs)
@@ -131,7 +124,10 @@ def make_fp8_ops(compute: str = "auto") -> type:
                     new = weight.to(self.weight.dtype)
                 if return_weight:
                     return new
-                store_weight(self, new, inplace_update)
+                if inplace_update:  # ModelPatcher's set_weight contract: copy in, or replace the parameter
+                    self.weight.data.copy_(new)
+                else:
+                    self.weight = torch.nn.Parameter(new, requires_grad=False)
 
             def extra_repr(self) -> str:
                 kind = f"{self.weight.dtype}, scale {tuple(self.weight_scale.shape)}" if self.is_fp8 else "16-bit"

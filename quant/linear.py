@@ -16,7 +16,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .formats import dequantize_weight, format_name, is_fp8, quantize_weight, quantize_with_scale
+from .formats import dequantize_weight, format_name, is_fp8, quantize_weight
 from .hardware import resolve_compute
 
 _E4M3 = torch.float8_e4m3fn
@@ -85,21 +85,24 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     return weight_only_linear(x, weight, scale, bias)
 
 
-def store_weight(module: torch.nn.Module, new: torch.Tensor, inplace_update: bool) -> None:
-    """ModelPatcher's set_weight contract: copy into the existing tensor, or replace the parameter."""
-    if inplace_update:
-        module.weight.data.copy_(new)
-    else:
-        module.weight = torch.nn.Parameter(new, requires_grad=False)
+class ResolvesCompute:
+    """The FP8 layers' one rule for `compute` (auto | weight_only | fp8_matmul): resolved once per device.
+    Shared by FP8Linear and the FP8 Linear of ComfyUI's ops class (nodes/fp8_ops.py)."""
+
+    compute: str
+
+    def compute_for(self, device: torch.device) -> str:
+        resolved = self.__dict__.setdefault("_resolved_compute", {})
+        key = str(device)
+        if key not in resolved:
+            resolved[key] = resolve_compute(self.compute, device)
+        return resolved[key]
 
 
-class FP8Linear(torch.nn.Module):
-    """A Linear whose `weight` is FP8 and `weight_scale` float32 ([out, 1] or []).
-
-    `convert_weight`/`set_weight` follow the protocol ComfyUI's ModelPatcher uses for scaled
-    weights (LoRA): patches are computed on the dequantized weight and written back quantized
-    with the layer's existing scale, which a patcher's backup never restores.
-    """
+class FP8Linear(torch.nn.Module, ResolvesCompute):
+    """A Linear whose `weight` is FP8 and `weight_scale` float32 ([out, 1] or []): the engine's FP8 layer for
+    plain torch modules (`quant.quantize`). Inside ComfyUI the ops class's Linear does the same math and adds
+    ComfyUI's patching protocol (nodes/fp8_ops.py)."""
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
                  compute: str = "auto") -> None:
@@ -111,7 +114,6 @@ class FP8Linear(torch.nn.Module):
         self.weight_scale = torch.nn.Parameter(weight_scale.float(), requires_grad=False)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.compute = compute
-        self._resolved: dict[str, str] = {}
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, fp8_format: str = "float8_e4m3fn", scaling: str = "per_channel",
@@ -124,28 +126,11 @@ class FP8Linear(torch.nn.Module):
     def fp8_format(self) -> str:
         return format_name(self.weight.dtype)
 
-    def _compute_for(self, device: torch.device) -> str:
-        key = str(device)
-        if key not in self._resolved:
-            self._resolved[key] = resolve_compute(self.compute, device)
-        return self._resolved[key]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.weight_scale, self.bias, self._compute_for(x.device))
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.compute_for(x.device))
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(self.weight, self.weight_scale, dtype)
-
-    def convert_weight(self, weight: torch.Tensor, inplace: bool = False, **kwargs) -> torch.Tensor:
-        return dequantize_weight(weight, self.weight_scale.to(weight.device), torch.float32)
-
-    def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed=None, return_weight: bool = False,
-                   **kwargs) -> torch.Tensor | None:
-        new = quantize_with_scale(weight, self.weight_scale.to(weight.device), self.fp8_format)
-        if return_weight:
-            return new
-        store_weight(self, new, inplace_update)
-        return None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.weight.dtype}, "

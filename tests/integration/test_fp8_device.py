@@ -128,3 +128,24 @@ def test_lora_requantization_multiplies_small_scales_in_float32(pack):
         expected = qweight.double() * scale.double()
         assert float((temp.double() - expected).norm() / expected.norm()) < 1e-2, dtype
         assert torch.equal(layer.set_weight(temp.float(), return_weight=True), qweight)  # exact round trip
+
+
+def test_lora_protocol_keeps_scale_and_round_trips(pack):
+    """ModelPatcher on an FP8 layer: temp = convert_weight(weight.float()); temp += delta; set_weight(temp); the
+    scale never changes (a patcher's backup restores the weight only), and unpatching restores the exact bits."""
+    import importlib
+
+    fp8_ops = importlib.import_module(pack.__name__ + ".nodes.fp8_ops")
+    formats = importlib.import_module(pack.__name__ + ".quant.formats")
+    torch.manual_seed(0)
+    qweight, scale = formats.quantize_weight(torch.randn(96, 64) * 0.1)
+    layer = fp8_ops.fp8_linear_from(fp8_ops.make_fp8_ops("weight_only"), qweight, scale, torch.zeros(96))
+    original = layer.weight
+    temp = layer.convert_weight(layer.weight.to(torch.float32), inplace=True)
+    torch.testing.assert_close(temp, formats.dequantize_weight(qweight, scale))
+    delta = torch.randn_like(temp) * 0.01
+    layer.set_weight(temp + delta)
+    assert torch.equal(layer.weight_scale, scale) and layer.weight is not original
+    patched = formats.dequantize_weight(layer.weight, layer.weight_scale)
+    assert float((patched - (temp + delta)).norm() / (temp + delta).norm()) < 0.04
+    assert torch.equal(layer.set_weight(temp, return_weight=True), original.data)  # re-quantizing is exact
