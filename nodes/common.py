@@ -8,6 +8,7 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io
 
 from ..quant.config import COMPUTE_MODES, PRESETS
+from ..quant.report import Report
 
 CATEGORY = "SD3.5 FP8"
 PACK_VERSION = "0.1.0"
@@ -43,9 +44,11 @@ class PackNode(io.ComfyNode):
         return result
 
 
-def record_info(model, source: str, rule: str, fp8_format: str, scaling: str) -> None:
-    """Note on a (new or cloned) ModelPatcher how it was made, for the save node's metadata."""
-    model.model_options[INFO_KEY] = {"source": source, "rule": rule, "fp8_format": fp8_format, "scaling": scaling}
+def record_info(model, source: str, report: Report) -> None:
+    """Note on a (new or cloned) ModelPatcher how it was made: for the save node's metadata, and the report as data
+    (`Report.to_dict()`) for whoever reads the model: the STRING output is its text."""
+    model.model_options[INFO_KEY] = {"source": source, "rule": report.rule, "fp8_format": report.fp8_format,
+                                     "scaling": report.scaling, "report": report.to_dict()}
 
 
 FP8_FORMATS = ["float8_e4m3fn", "float8_e5m2"]

@@ -138,7 +138,7 @@ class SD35FP8CheckpointLoader(PackNode):
                     te_model_options={"custom_operations": ops}, metadata=_metadata(path))
             if model is None:
                 raise ValueError(f"ckpt_name: {ckpt_name} is not a diffusion model checkpoint ComfyUI recognises")
-            record_info(model, ckpt_name, report.rule, fp8_format, scaling)
+            record_info(model, ckpt_name, report)
             report_text = f"{ckpt_name}\n{report.to_text()}"
         if clip is None:
             clip = MissingTextEncoders()
@@ -237,5 +237,5 @@ class SD35FP8DiffusionModelLoader(PackNode):
             model = comfy.sd.load_diffusion_model_state_dict(sd, metadata=metadata, model_options=options)
         if model is None:
             raise ValueError(f"model_name: {model_name} is not a diffusion model ComfyUI recognises")
-        record_info(model, model_name, report.rule, fp8_format, scaling)
+        record_info(model, model_name, report)
         return io.NodeOutput(model, f"{model_name}\n{report.to_text()}")

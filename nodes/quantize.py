@@ -62,7 +62,7 @@ class SD35FP8QuantizeModel(PackNode):
         out = quantize_modules(model, "diffusion_model", policy.should_quantize, fp8_format=fp8_format,
                                scaling=scaling, compute=compute, report=report, unit_scale=policy.unit_scale)
         source = model.model_options.get(INFO_KEY, {}).get("source", "a MODEL quantized in the graph")
-        record_info(out, source, policy.rule, fp8_format, scaling)
+        record_info(out, source, report)
         return io.NodeOutput(out, report.to_text())
 
 

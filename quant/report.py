@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 
 ACTIONS = ("fp8", "protected", "kept")
@@ -119,6 +120,9 @@ class Report:
             "rule": self.rule, "fp8_format": self.fp8_format, "scaling": self.scaling, "backend": self.backend,
             "warnings": list(self.warnings), "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
             "ratio": self.ratio, "n_fp8": self.n_fp8, "n_already_fp8": self.n_already_fp8,
-            "n_protected": self.n_protected,
+            "n_protected": self.n_protected, "fp8_bytes": self.fp8_bytes,
             "layers": [asdict(layer) for layer in self.layers],
         }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())

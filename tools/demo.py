@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -72,7 +71,7 @@ def main() -> int:
     start = time.perf_counter()
     txt2img = runner.run(load_workflow("sd35_fp8_txt2img", name, tiny))
     txt2img_s = time.perf_counter() - start
-    report = runner.node_outputs("loader")[3]
+    model, _, _, report = runner.node_outputs("loader")
     stats = runner.node_outputs("sampler")[1]
     start = time.perf_counter()
     ab = runner.run(load_workflow("sd35_fp8_ab_compare", name, tiny))
@@ -82,7 +81,8 @@ def main() -> int:
     images = [base / "output" / img["subfolder"] / img["filename"]
               for out in (txt2img, ab) for node in out.values() for img in node.get("images", [])
               if img.get("type") == "output"]
-    before, after = map(int, re.search(r"bytes: (\d+) -> (\d+)", report).groups())
+    data = model.model_options["sd35_fp8"]["report"]  # the loader's report as data
+    before, after = data["bytes_before"], data["bytes_after"]
     print("\n=== SD3.5 FP8 demo ===")
     if tiny:
         print("Model: TINY RANDOM-WEIGHT SD3.5-architecture checkpoint (no real weights here; set SD35_CHECKPOINT "
@@ -93,8 +93,8 @@ def main() -> int:
         print(f"Model: {ckpt}")
     print(f"Diffusion model weights: {before / 2**20:.1f} MB as stored -> {after / 2**20:.1f} MB FP8 "
           f"({after / before:.3f}x)")
-    print("  " + next(line for line in report.splitlines() if line.startswith("rule:")))
-    print("  " + next(line for line in report.splitlines() if line.startswith("layers:")))
+    print(f"  rule: {data['rule']}")
+    print("  " + next(line for line in report.splitlines() if line.startswith("layers:")))  # the text's summary
     print(f"txt2img: {txt2img_s:.1f} s wall; sampler: {stats.splitlines()[1]}")
     print(f"A/B FP16 vs FP8 (same seed): SSIM {ssim:.4f}, PSNR {psnr:.2f} dB ({ab_s:.1f} s wall)")
     print("Images:")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 from helpers import FP8, effective_linears, fp8_layers
@@ -24,12 +22,6 @@ def _txt2img_with(loader: dict) -> dict:
 def _file_tensor(path, key: str) -> torch.Tensor:
     with safe_open(str(path), framework="pt") as f:
         return f.get_tensor(key)
-
-
-def report_bytes(report: str) -> tuple[int, int]:
-    match = re.search(r"bytes: (\d+) -> (\d+)", report)
-    assert match, report[:500]
-    return int(match.group(1)), int(match.group(2))
 
 
 @pytest.mark.parametrize("variant", ["large", "medium"])
@@ -56,8 +48,9 @@ def test_checkpoint_loader_quantizes_blocks_and_protects_embedders(runner, fixtu
     assert torch.equal(pos_embed.float(), stored.to(torch.float8_e4m3fn).float())
     # the report's FP8 byte total is what the FP8 layers and pos_embed really hold
     fp8_bytes = sum(m.weight.numel() + m.weight_scale.numel() * 4 for m in fp8.values()) + pos_embed.numel()
-    assert f"{len(fp8) + 1} fp8" in report
-    assert fp8_bytes == int(re.search(r"fp8 layers: (\d+) bytes", report).group(1))
+    data = model.model_options["sd35_fp8"]["report"]  # the report as data; the STRING output is its text
+    assert data["n_fp8"] == len(fp8) + 1 and f"{len(fp8) + 1} fp8" in report
+    assert data["fp8_bytes"] == fp8_bytes and f"fp8 layers: {fp8_bytes} bytes" in report
     image = runner.node_outputs("dec_img")[0]
     assert torch.isfinite(image).all()
 
