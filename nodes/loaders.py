@@ -17,7 +17,6 @@ import comfy.utils
 import folder_paths
 import torch
 from comfy_api.v0_0_2 import io
-from safetensors import safe_open
 
 from ..quant.checkpoint import QUANT_METADATA_KEY, refuse_pickle
 from ..quant.config import QuantConfig
@@ -47,24 +46,22 @@ def _progress():
     return update
 
 
-def _metadata(path: str) -> dict[str, str]:
+def _metadata(header: dict) -> dict[str, str]:
     """Header metadata for ComfyUI's model detection, minus the quantization entry: our operations read the
     FP8 layers themselves (ComfyUI would otherwise switch to its own mixed-precision ops)."""
-    with safe_open(path, framework="pt") as f:
-        metadata = dict(f.metadata() or {})
+    metadata = dict(header.get("__metadata__") or {})
     metadata.pop(QUANT_METADATA_KEY, None)
     return metadata
 
 
-def _model_path(folder: str, name: str, input_name: str) -> str:
-    """The full path of a listed model file, resolved only through folder_paths (which keeps it inside the
-    model folders), and checked to be a readable .safetensors file: pickles are refused unread."""
+def _model_file(folder: str, name: str, input_name: str) -> tuple[str, dict]:
+    """(full path, checked header) of a listed model file, resolved only through folder_paths (which keeps it
+    inside the model folders) and checked once to be a readable .safetensors file: pickles are refused unread."""
     path = folder_paths.get_full_path(folder, name)
     if path is None:
         raise FileNotFoundError(f"{input_name}: {name} is not in models/{folder} any more (deleted, moved, or a "
                                 "broken link); put the .safetensors file back or pick another, then refresh")
-    refuse_pickle(path, input_name)
-    return path
+    return path, refuse_pickle(path, input_name)
 
 
 def build_options(sd: dict, model_prefix: str) -> dict:
@@ -121,21 +118,22 @@ class SD35FP8CheckpointLoader(PackNode):
     @classmethod
     def execute(cls, ckpt_name, fp8_format, scaling, protect_preset, compute, text_encoder_fp8,
                 protect_patterns="") -> io.NodeOutput:
-        path = _model_path("checkpoints", ckpt_name, "ckpt_name")
+        path, header = _model_file("checkpoints", ckpt_name, "ckpt_name")
         embeddings = folder_paths.get_folder_paths("embeddings")
         if fp8_format == "disabled":
             model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path, embedding_directory=embeddings)
             report_text = f"{ckpt_name}: fp8_format=disabled, loaded as stored (no FP8)."
         else:
             config = _config(fp8_format, scaling, protect_preset, compute, protect_patterns)
-            sd, _, report = quantize_safetensors_stream(path, config, model_prefix="model.diffusion_model.",
+            sd, _, report = quantize_safetensors_stream(path, config, header=header,
+                                                        model_prefix="model.diffusion_model.",
                                                         text_encoders=text_encoder_fp8, progress=_progress())
             ops = make_fp8_ops(compute)
             options = {"custom_operations": ops, **build_options(sd, "model.diffusion_model.")}
             with fp8_tables_in_place(sd, "model.diffusion_model."):
                 model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
                     sd, embedding_directory=embeddings, model_options=options,
-                    te_model_options={"custom_operations": ops}, metadata=_metadata(path))
+                    te_model_options={"custom_operations": ops}, metadata=_metadata(header))
             if model is None:
                 raise ValueError(f"ckpt_name: {ckpt_name} is not a diffusion model checkpoint ComfyUI recognises")
             record_info(model, ckpt_name, report)
@@ -221,9 +219,9 @@ class SD35FP8DiffusionModelLoader(PackNode):
     def execute(cls, model_name, fp8_format, scaling, protect_preset, compute, protect_patterns="") -> io.NodeOutput:
         config = _config(fp8_format, scaling, protect_preset, compute, protect_patterns)
         if model_name in folder_paths.get_filename_list("diffusion_models"):
-            path = _model_path("diffusion_models", model_name, "model_name")
-            sd, _, report = quantize_safetensors_stream(path, config, model_prefix="", progress=_progress())
-            metadata = _metadata(path)
+            path, header = _model_file("diffusion_models", model_name, "model_name")
+            sd, _, report = quantize_safetensors_stream(path, config, header=header, progress=_progress())
+            metadata = _metadata(header)
         else:
             raw = read_diffusers_transformer(_diffusers_folder_path(model_name))
             converted = comfy.model_detection.convert_diffusers_mmdit(raw, "")

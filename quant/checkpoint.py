@@ -40,15 +40,16 @@ class UnsafeFileError(ValueError):
     """A pickle-based (or otherwise non-safetensors) model file: refused unread."""
 
 
-def refuse_pickle(path: str | os.PathLike, input_name: str = "file") -> None:
-    """Refuse anything but a well-formed .safetensors file, without ever unpickling it."""
+def refuse_pickle(path: str | os.PathLike, input_name: str = "file") -> dict:
+    """Refuse anything but a well-formed .safetensors file, without ever unpickling it; returns its checked header
+    (pass it on, e.g. to `quantize_safetensors_stream`, rather than parsing the file again)."""
     name = os.path.basename(str(path))
     if str(path).lower().endswith(PICKLE_SUFFIXES):
         raise UnsafeFileError(
             f"{input_name}: {name} is a pickle-based file; this pack never unpickles model files (loading one can "
             "run arbitrary code). Use a .safetensors version of the model, or convert it in a sandbox."
         )
-    check_safetensors(path, input_name)
+    return check_safetensors(path, input_name)
 
 
 def check_safetensors(path: str | os.PathLike, input_name: str = "file") -> dict:

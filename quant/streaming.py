@@ -204,12 +204,13 @@ def _quantize_all(keys: list[str], shapes: Mapping[str, tuple[int, ...]], take: 
     return out, quantizer.layer_formats, quantizer.finish()
 
 
-def quantize_safetensors_stream(path: str | os.PathLike, config: QuantConfig, *, model_prefix: str = "",
+def quantize_safetensors_stream(path: str | os.PathLike, config: QuantConfig, *, header: dict | None = None,
+                                model_prefix: str = "",
                                 text_encoders: str | None = None, progress: Progress | None = None,
                                 hint: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
     """Read `path` tensor by tensor and quantize the diffusion model's Linear weights (and, if asked, the
     text encoders'). Returns (state dict, {layer: format} for the FP8 layers of the model, Report)."""
-    header = check_safetensors(path)
+    header = check_safetensors(path) if header is None else header  # `header`: already checked by the caller
     metadata = header.get("__metadata__", {}) or {}
     shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
     hint = f"{hint} {os.path.basename(str(path))} {metadata.get('modelspec.title', '')} " \
