@@ -216,3 +216,29 @@ def test_declared_fp8_layers_and_their_entries_load(tmp_path, fixture_files):
     out, formats, report = quantize_safetensors_stream(path, QuantConfig())
     assert formats[layer] == "float8_e4m3fn" and torch.equal(out[f"{layer}.weight_scale"], scale.reshape(()))
     assert not [k for k in out if k.endswith(".comfy_quant")] and report.n_already_fp8 == 1
+
+
+def test_stock_layout_rewrites_what_stock_comfyui_cannot_run_and_keeps_the_rest():
+    """Per-channel and e5m2 layers become per-tensor e4m3 (no host ever computes e5m2 x e5m2 from our files);
+    layers already per-tensor e4m3 keep their bits; every written layer is marked full-precision matmul."""
+    from quant.checkpoint import quantization_metadata, to_stock_layout
+    from quant.formats import quantize_weight
+
+    torch.manual_seed(0)
+    real = {name: torch.randn(32, 16) * 0.1 for name in ("native", "per_channel", "e5m2")}
+    sd, formats = {}, {}
+    for name, fmt, scaling in (("native", "float8_e4m3fn", "per_tensor"), ("per_channel", "float8_e4m3fn",
+                               "per_channel"), ("e5m2", "float8_e5m2", "per_tensor")):
+        sd[f"{name}.weight"], sd[f"{name}.weight_scale"] = quantize_weight(real[name], fmt, scaling)
+        formats[name] = fmt
+    native_bits = sd["native.weight"].clone()
+    held = {name: dequantize_weight(sd[f"{name}.weight"], sd[f"{name}.weight_scale"]) for name in real}
+    assert to_stock_layout(sd, formats) == 2
+    assert formats == dict.fromkeys(real, "float8_e4m3fn")
+    for name in real:
+        assert sd[f"{name}.weight"].dtype == torch.float8_e4m3fn and sd[f"{name}.weight_scale"].numel() == 1
+        rewritten = dequantize_weight(sd[f"{name}.weight"], sd[f"{name}.weight_scale"])
+        assert float((rewritten - held[name]).norm() / held[name].norm()) < 0.04, name  # one e4m3 rounding at most
+    assert torch.equal(sd["native.weight"].view(torch.uint8), native_bits.view(torch.uint8))
+    layers = json.loads(quantization_metadata(formats))["layers"]
+    assert all(v == {"format": "float8_e4m3fn", "full_precision_matrix_mult": True} for v in layers.values())
