@@ -62,10 +62,6 @@ def fp8_weight(module: torch.nn.Module, name: str = "", weight: torch.Tensor | N
     return weight, scale.detach().float()
 
 
-def is_host_quantized(weight: torch.Tensor) -> bool:
-    return _layout_name(weight) is not None
-
-
 def is_linear(module: torch.nn.Module) -> bool:
     """A Linear layer, including ComfyUI 0.8.0's mixed-precision Linear (a plain Module, not an nn.Linear)."""
     return isinstance(module, torch.nn.Linear) or (

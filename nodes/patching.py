@@ -68,7 +68,6 @@ def quantize_modules(
     linears = [(n, m) for n, m in modules if is_linear(m)]
     progress = comfy.utils.ProgressBar(max(len(linears), 1))
     handled: set[int] = set()
-    already_fp8 = 0
     for index, (name, module) in enumerate(linears):
         comfy.model_management.throw_exception_if_processing_interrupted()
         weight = _original_weight(patcher, f"{prefix}{name}.weight", module)
@@ -79,7 +78,6 @@ def quantize_modules(
             qdata, scale = held
             size = _nbytes(qdata) + _nbytes(scale)
             report.add(LayerReport(name, shape, str(qdata.dtype), str(qdata.dtype), size, size, None, "kept"))
-            already_fp8 += 1
         elif weight.dim() == 2 and should_quantize(name, shape):
             qweight, scale, err = quantize_weight_with_error(weight, fp8_format, scaling, name=name)
             layer = fp8_linear_from(ops, qweight, scale, module.bias, bias_dtype=weight.dtype)
@@ -101,8 +99,9 @@ def quantize_modules(
         if id(tensor) not in handled and not name.endswith(SCALE_SUFFIXES):
             report.add(LayerReport(name, tuple(tensor.shape), str(tensor.dtype), str(tensor.dtype),
                                    _nbytes(tensor), _nbytes(tensor), None, "kept"))
-    if already_fp8:
-        report.warnings.append(f"the input already holds {already_fp8} FP8 layer(s): they were kept as they are")
+    if report.n_already_fp8:
+        report.warnings.append(f"the input already holds {report.n_already_fp8} FP8 layer(s): they were kept as "
+                               "they are")
     elif report.n_fp8 == 0:
         report.warnings.append("no layer was quantized: check protect_preset / protect_patterns")
     return clone

@@ -20,7 +20,7 @@ from ..quant.checkpoint import LAYOUTS, save_quantized, to_stock_layout
 from ..quant.formats import format_name, is_fp8
 from ..quant.policy import UNIT_SCALE_TENSORS
 from .common import CATEGORY, INFO_KEY, PACK_VERSION, PackNode
-from .host_fp8 import fp8_weight
+from .host_fp8 import fp8_weight, is_linear
 from .patching import SCALE_SUFFIXES
 
 
@@ -38,8 +38,8 @@ def fp8_state_dict(model, layout: str = "stock_compatible") -> tuple[dict, dict[
     layer_formats: dict[str, str] = {}
     for module_name, module in dm.named_modules():
         prefix = f"{module_name}." if module_name else ""
-        held = fp8_weight(module, module_name) if getattr(module, "weight", None) is not None else None
-        if held is not None and len(held[0].shape) == 2:
+        held = fp8_weight(module, module_name) if is_linear(module) else None
+        if held is not None:
             qdata, scale = held
             sd[prefix + "weight"], sd[prefix + "weight_scale"] = qdata.detach().cpu(), scale.cpu()
             layer_formats[module_name] = format_name(qdata.dtype)

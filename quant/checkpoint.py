@@ -147,8 +147,7 @@ def quantization_metadata(layer_formats: dict[str, str], model_prefix: str = "")
     """
     layers = {name: {"format": fmt, **LAYER_MARKING} for name, fmt in sorted(layer_formats.items())}
     if model_prefix:
-        layers.update({model_prefix + name: {"format": fmt, **LAYER_MARKING}
-                       for name, fmt in sorted(layer_formats.items())})
+        layers.update({model_prefix + name: entry for name, entry in list(layers.items())})
     return json.dumps({"format_version": "1.0", "layers": layers})
 
 
