@@ -29,7 +29,7 @@ import torch
 
 from ..quant.formats import FP8_DTYPES, dequantize_weight, format_name, is_fp8, quantize_with_scale
 from ..quant.hardware import resolve_compute
-from ..quant.linear import ResolvesCompute, fp8_linear
+from ..quant.linear import FP8LinearMixin
 
 FLOAT8_DTYPES = frozenset(FP8_DTYPES.values())
 
@@ -38,7 +38,7 @@ def make_fp8_ops(compute: str = "auto") -> type:
     """An ops class for one model: its Linear becomes FP8 when its state dict carries FP8 weights."""
 
     class FP8Ops(comfy.ops.manual_cast):
-        class Linear(comfy.ops.manual_cast.Linear, ResolvesCompute):
+        class Linear(FP8LinearMixin, comfy.ops.manual_cast.Linear):
             def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
                 torch.nn.Module.__init__(self)
                 self.in_features = in_features
@@ -106,7 +106,7 @@ def make_fp8_ops(compute: str = "auto") -> type:
                     for patch in self.weight_function:
                         real = _apply_weight_patch(patch, real)
                     return torch.nn.functional.linear(x, real.to(x.dtype), bias)
-                return fp8_linear(x, weight, scale, bias, self.compute_for(x.device))
+                return self.fp8_forward(x, weight, scale, bias)
 
             def convert_weight(self, weight, inplace=False, **kwargs):
                 if not self.is_fp8:
@@ -129,10 +129,6 @@ def make_fp8_ops(compute: str = "auto") -> type:
                 else:
                     self.weight = torch.nn.Parameter(new, requires_grad=False)
 
-            def extra_repr(self) -> str:
-                kind = f"{self.weight.dtype}, scale {tuple(self.weight_scale.shape)}" if self.is_fp8 else "16-bit"
-                dims = f"in_features={self.in_features}, out_features={self.out_features}"
-                return f"{dims}, {kind}, compute={self.compute}"
 
     return FP8Ops
 

@@ -1,32 +1,24 @@
-"""Quantize the Linear layers of a loaded ComfyUI model on a clone, never on the input.
+"""Quantize the layers of a loaded ComfyUI model on a clone, never on the input: the plan's driver for ModelPatchers.
 
-ComfyUI caches node outputs and shares them between branches, so the input
-ModelPatcher and its modules stay untouched: each quantized layer is a new FP8
-module attached to the clone as an object patch, swapped in only while the clone is
-loaded. The GPU therefore only ever receives the FP8 layer.
+ComfyUI caches node outputs and shares them between branches, so the input ModelPatcher and its modules stay
+untouched: each quantized layer is a new FP8 module attached to the clone as an object patch, swapped in only
+while the clone is loaded. The GPU therefore only ever receives the FP8 layer.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Mapping
 
 import comfy.model_management
 import comfy.utils
 import torch
 
-from ..quant.formats import quantize_weight_with_error
-from ..quant.quantize import quantize_table
-from ..quant.report import LayerReport, Report
+from ..quant.config import QuantConfig
+from ..quant.plan import FP8, HELD, TABLE, apply, make_plan
+from ..quant.report import Report
 from .fp8_ops import fp8_linear_from, make_fp8_ops
 from .host_fp8 import fp8_weight, is_linear
-
-# A layer's scales (ours, ComfyUI's mixed-precision and legacy names): their bytes count in the layer's row.
-SCALE_SUFFIXES = (".weight_scale", ".input_scale", ".scale_weight", ".scale_input")
-
-
-def _nbytes(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
 
 
 def _original_weight(patcher, key: str, module: torch.nn.Module) -> torch.Tensor:
@@ -38,23 +30,13 @@ def _original_weight(patcher, key: str, module: torch.nn.Module) -> torch.Tensor
     return module.weight
 
 
-def quantize_modules(
-    patcher,
-    root_attr: str,
-    should_quantize: Callable[[str, tuple[int, ...]], bool],
-    *,
-    fp8_format: str,
-    scaling: str,
-    compute: str,
-    report: Report,
-    unit_scale: frozenset[str] = frozenset(),
-) -> object:
-    """Clone `patcher` and attach an FP8 copy of each selected Linear under `root_attr`.
+def quantize_modules(patcher, root_attr: str, config: QuantConfig, *, text_encoders: Mapping[str, str] | None = None,
+                     rule: str | None = None) -> tuple[object, Report]:
+    """Clone `patcher` and attach an FP8 copy of each Linear the plan marks FP8 under `root_attr`.
 
-    `root_attr` is the attribute path of the module tree inside patcher.model
-    ("diffusion_model" for MODEL, "" for a CLIP's cond_stage_model). Layers already in
-    FP8 are left as they are and reported. `unit_scale` names root tensors (pos_embed) stored in FP8 with
-    scale 1.0, also as object patches. Honours ComfyUI's interrupt between layers.
+    `root_attr` is the attribute path of the module tree inside patcher.model ("diffusion_model" for a MODEL, ""
+    for a CLIP's cond_stage_model, whose chosen `text_encoders` are {encoder: name prefix}). Layers already in
+    FP8 (ours, or the host's own) are passed through and reported. Honours ComfyUI's interrupt between tensors.
     """
     clone = patcher.clone()
     # The clone runs different modules for the same weight keys: a new uuid makes ComfyUI re-apply weight
@@ -62,46 +44,35 @@ def quantize_modules(
     clone.patches_uuid = uuid.uuid4()
     root = comfy.utils.get_attr(patcher.model, root_attr) if root_attr else patcher.model
     prefix = f"{root_attr}." if root_attr else ""
-    ops = make_fp8_ops(compute)
     # clones share one module tree; get_model_object looks through an applied clone's object patches
     modules = ((n, patcher.get_model_object(f"{prefix}{n}")) for n, _ in root.named_modules() if n)
-    linears = [(n, m) for n, m in modules if is_linear(m)]
-    progress = comfy.utils.ProgressBar(max(len(linears), 1))
-    handled: set[int] = set()
-    for index, (name, module) in enumerate(linears):
-        comfy.model_management.throw_exception_if_processing_interrupted()
+    linears = {n: m for n, m in modules if is_linear(m)}
+    tensors: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
+    for name, module in linears.items():
         weight = _original_weight(patcher, f"{prefix}{name}.weight", module)
-        shape = tuple(weight.shape)
-        handled.add(id(module.weight))
         held = fp8_weight(module, name, weight)
-        if held is not None:  # ours, or the host's own FP8 layer (a stock loader on an FP8 file): passed through
-            qdata, scale = held
-            size = _nbytes(qdata) + _nbytes(scale)
-            report.add(LayerReport(name, shape, str(qdata.dtype), str(qdata.dtype), size, size, None, "kept"))
-        elif weight.dim() == 2 and should_quantize(name, shape):
-            qweight, scale, err = quantize_weight_with_error(weight, fp8_format, scaling, name=name)
-            layer = fp8_linear_from(ops, qweight, scale, module.bias, bias_dtype=weight.dtype)
-            clone.add_object_patch(f"{prefix}{name}", layer)
-            report.add(LayerReport(name, shape, str(weight.dtype), str(qweight.dtype), _nbytes(weight),
-                                   _nbytes(qweight) + _nbytes(scale), err, "fp8"))
-        else:
-            report.add(LayerReport(name, shape, str(weight.dtype), str(weight.dtype), _nbytes(weight),
-                                   _nbytes(weight), None, "protected"))
+        if held is not None:  # ours, or the host's own FP8 layer (a stock loader on an FP8 file)
+            weight, scales[f"{name}.weight"] = held
+        tensors[f"{name}.weight"] = weight
+    for name, _ in list(root.named_parameters()) + list(root.named_buffers()):  # biases, norms, tables, scales
+        if name not in tensors:
+            tensors[name] = patcher.get_model_object(f"{prefix}{name}")
+    plan = make_plan(config, {k: tuple(t.shape) for k, t in tensors.items()}, {k: t.dtype for k, t in tensors.items()},
+                     model_prefix=None if text_encoders is not None else "", text_encoders=text_encoders,
+                     linears=set(linears))
+    report = plan.new_report(rule)
+    ops = make_fp8_ops(config.compute)
+    progress = comfy.utils.ProgressBar(max(len(tensors), 1))
+    for index, (key, tensor) in enumerate(tensors.items()):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        decision = plan[key]
+        stored, scale = apply(decision, tensor, config, report, scales.get(key) if decision.action == HELD else None)
+        if decision.action == FP8:
+            bias = linears[decision.layer].bias
+            clone.add_object_patch(f"{prefix}{decision.layer}",
+                                   fp8_linear_from(ops, stored, scale, bias, bias_dtype=tensor.dtype))
+        elif decision.action == TABLE and stored is not tensor:
+            clone.add_object_patch(f"{prefix}{key}", stored)
         progress.update_absolute(index + 1)
-    for name in sorted(unit_scale):
-        tensor = patcher.get_model_object(f"{prefix}{name}")
-        if isinstance(tensor, torch.Tensor):
-            handled.add(id(tensor))
-            table = quantize_table(name, tensor, fp8_format, report)
-            if table is not tensor:
-                clone.add_object_patch(f"{prefix}{name}", table)
-    for name, tensor in list(root.named_parameters()) + list(root.named_buffers()):
-        if id(tensor) not in handled and not name.endswith(SCALE_SUFFIXES):
-            report.add(LayerReport(name, tuple(tensor.shape), str(tensor.dtype), str(tensor.dtype),
-                                   _nbytes(tensor), _nbytes(tensor), None, "kept"))
-    if report.n_already_fp8:
-        report.warnings.append(f"the input already holds {report.n_already_fp8} FP8 layer(s): they were kept as "
-                               "they are")
-    elif report.n_fp8 == 0:
-        report.warnings.append("no layer was quantized: check protect_preset / protect_patterns")
-    return clone
+    return clone, plan.finish(report)

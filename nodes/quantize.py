@@ -5,8 +5,7 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io
 
 from ..quant.config import QuantConfig
-from ..quant.policy import resolve_policy
-from ..quant.report import Report
+from ..quant.plan import CLIP_NODE_ENCODER_CHOICES, choose_encoders
 from .common import (
     CATEGORY,
     INFO_KEY,
@@ -19,19 +18,6 @@ from .common import (
 )
 from .fp8_ops import check_compute_supported
 from .patching import quantize_modules
-
-CLIP_ENCODERS = {
-    "t5xxl": ("t5xxl",),
-    "t5xxl_and_clip_g": ("t5xxl", "clip_g"),
-    "all": ("t5xxl", "clip_g", "clip_l"),
-}
-
-
-def model_shapes(model) -> dict[str, tuple[int, ...]]:
-    """State-dict key -> shape of a ModelPatcher's diffusion model (what the policy reads)."""
-    dm = model.model.diffusion_model
-    tensors = list(dm.named_parameters()) + list(dm.named_buffers())
-    return {name: tuple(t.shape) for name, t in tensors}
 
 
 class SD35FP8QuantizeModel(PackNode):
@@ -56,11 +42,7 @@ class SD35FP8QuantizeModel(PackNode):
         config = QuantConfig(fp8_format=fp8_format, scaling=scaling, protect_preset=protect_preset,
                              protect_patterns=protect_patterns, compute=compute)
         check_compute_supported(compute)
-        shapes = model_shapes(model)
-        policy = resolve_policy(config, shapes)
-        report = Report(rule=policy.rule, warnings=list(policy.warnings), fp8_format=fp8_format, scaling=scaling)
-        out = quantize_modules(model, "diffusion_model", policy.should_quantize, fp8_format=fp8_format,
-                               scaling=scaling, compute=compute, report=report, unit_scale=policy.unit_scale)
+        out, report = quantize_modules(model, "diffusion_model", config)
         source = model.model_options.get(INFO_KEY, {}).get("source", "a MODEL quantized in the graph")
         record_info(out, source, report)
         return io.NodeOutput(out, report.to_text())
@@ -78,7 +60,7 @@ class SD35FP8QuantizeCLIP(PackNode):
                         "16-bit.",
             inputs=[
                 io.Clip.Input("clip", tooltip="SD3.5 text encoders, e.g. from TripleCLIPLoader or a checkpoint."),
-                io.Combo.Input("encoders", options=list(CLIP_ENCODERS), default="t5xxl",
+                io.Combo.Input("encoders", options=list(CLIP_NODE_ENCODER_CHOICES), default="t5xxl",
                                tooltip="Which encoders to store in FP8. t5xxl (default) saves most memory at the "
                                        "least cost in prompt following."),
                 fp8_format_input(),
@@ -90,20 +72,14 @@ class SD35FP8QuantizeCLIP(PackNode):
 
     @classmethod
     def execute(cls, clip, encoders, fp8_format, scaling) -> io.NodeOutput:
-        if encoders not in CLIP_ENCODERS:
-            raise ValueError(f"encoders: {encoders!r} is not one of {list(CLIP_ENCODERS)}")
-        chosen = CLIP_ENCODERS[encoders]
+        chosen = choose_encoders("encoders", encoders, CLIP_NODE_ENCODER_CHOICES)
         cond_model = clip.patcher.model
         present = [e for e in chosen if getattr(cond_model, e, None) is not None]
-        report = Report(rule=f"text encoders: {', '.join(present) or 'none'} in FP8 (projections kept 16-bit)",
-                        fp8_format=fp8_format, scaling=scaling)
-        missing = [e for e in chosen if e not in present]
-        report.warnings += [f"this CLIP has no {name} encoder; nothing to quantize there" for name in missing]
-
-        def should_quantize(name: str, shape: tuple[int, ...]) -> bool:
-            return name.split(".", 1)[0] in present and "text_projection" not in name
-
         out = clip.clone()
-        out.patcher = quantize_modules(clip.patcher, "", should_quantize, fp8_format=fp8_format, scaling=scaling,
-                                       compute="auto", report=report)
+        out.patcher, report = quantize_modules(
+            clip.patcher, "", QuantConfig(fp8_format=fp8_format, scaling=scaling),
+            text_encoders={e: f"{e}." for e in present},
+            rule=f"text encoders: {', '.join(present) or 'none'} in FP8 (embeddings and projections kept 16-bit)")
+        report.warnings += [f"this CLIP has no {e} encoder; nothing to quantize there" for e in chosen
+                            if e not in present]
         return io.NodeOutput(out, report.to_text())

@@ -18,10 +18,10 @@ from comfy_api.v0_0_2 import io
 
 from ..quant.checkpoint import LAYOUTS, save_quantized, to_stock_layout
 from ..quant.formats import format_name, is_fp8
+from ..quant.plan import SCALE_SUFFIXES
 from ..quant.policy import UNIT_SCALE_TENSORS
 from .common import CATEGORY, INFO_KEY, PACK_VERSION, PackNode
 from .host_fp8 import fp8_weight, is_linear
-from .patching import SCALE_SUFFIXES
 
 
 def _sixteen_bit(tensor: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 
 from .checkpoint import LAYOUTS, STOCK_FORMAT, inspect_file, save_quantized, to_stock_layout
-from .config import PRESETS, QuantConfig
+from .config import BACKENDS, PRESETS, QuantConfig
 from .formats import FP8_DTYPES, SCALINGS
-from .streaming import TEXT_ENCODER_CHOICES, quantize_safetensors_stream
+from .plan import LOADER_TEXT_ENCODER_CHOICES
+from .streaming import quantize_safetensors_stream
 
 DIFFUSION_PREFIX = "model.diffusion_model."
 
@@ -43,6 +44,9 @@ def _format_and_scaling(args: argparse.Namespace) -> tuple[str, str]:
     """stock_compatible quantizes straight to what stock ComfyUI runs natively (one e4m3 scale per layer);
     auto defaults to per-channel e4m3, the lowest error, read by this pack and ComfyUI 0.3.75."""
     if args.layout == "stock_compatible":
+        if args.backend == "quanto":
+            raise ValueError("--backend quanto writes per-channel scales, which stock ComfyUI 0.8+ does not run "
+                             "natively: add --layout auto")
         if args.scaling not in (None, "per_tensor") or args.format not in (None, STOCK_FORMAT):
             raise ValueError(f"--layout stock_compatible writes per_tensor {STOCK_FORMAT} layers; for "
                              f"--scaling {args.scaling} --format {args.format} use --layout auto")
@@ -53,7 +57,7 @@ def _format_and_scaling(args: argparse.Namespace) -> tuple[str, str]:
 def convert(args: argparse.Namespace) -> int:
     fp8_format, scaling = _format_and_scaling(args)
     config = QuantConfig(fp8_format=fp8_format, scaling=scaling, protect_preset=args.preset,
-                         protect_patterns=tuple(args.protect or ()))
+                         protect_patterns=tuple(args.protect or ()), backend=args.backend)
     sd, formats, report = quantize_safetensors_stream(args.input, config, model_prefix=DIFFUSION_PREFIX,
                                                       text_encoders=args.text_encoders,
                                                       progress=_progress_bar("quantizing"))
@@ -91,9 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="default per_tensor with --layout stock_compatible, per_channel with --layout auto")
     conv.add_argument("--protect", action="append", metavar="PATTERN",
                       help="extra layer to keep 16-bit (glob or re:regex); repeatable")
-    conv.add_argument("--text-encoders", default="none", choices=list(TEXT_ENCODER_CHOICES),
+    conv.add_argument("--text-encoders", default="none", choices=list(LOADER_TEXT_ENCODER_CHOICES),
                       help="all-in-one checkpoints: text encoders to store in FP8. Default none: stock ComfyUI "
                            "reads FP8 text encoders only from separate files, our loader reads both")
+    conv.add_argument("--backend", default="native", choices=BACKENDS,
+                      help="quanto: optimum-quanto's qfloat8 weights (per_channel; needs the [quanto] extra) "
+                           "written in the same layout, for comparison with native")
     conv.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     conv.add_argument("--max-layers", type=int, default=20, help="layers listed in the printed report")
     conv.set_defaults(func=convert)

@@ -85,10 +85,15 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     return weight_only_linear(x, weight, scale, bias)
 
 
-class ResolvesCompute:
-    """The FP8 layers' one rule for `compute` (auto | weight_only | fp8_matmul): resolved once per device.
-    Shared by FP8Linear and the FP8 Linear of ComfyUI's ops class (nodes/fp8_ops.py)."""
+class FP8LinearMixin:
+    """The FP8 layer: `weight` float8 [out, in], `weight_scale` float32 ([out, 1] or []), optional `bias`, and the
+    one rule for `compute` (auto | weight_only | fp8_matmul, resolved once per device). FP8Linear below is it as a
+    plain torch module; the pack's ComfyUI ops class (nodes/fp8_ops.py) mixes it into ComfyUI's Linear and adds
+    ComfyUI's patching protocol."""
 
+    weight: torch.Tensor
+    weight_scale: torch.Tensor | None
+    bias: torch.Tensor | None
     compute: str
 
     def compute_for(self, device: torch.device) -> str:
@@ -98,11 +103,27 @@ class ResolvesCompute:
             resolved[key] = resolve_compute(self.compute, device)
         return resolved[key]
 
+    def fp8_forward(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+        """y = x @ (weight * scale).T + bias, on the path `compute` resolves to on x's device."""
+        return fp8_linear(x, weight, scale, bias, self.compute_for(x.device))
 
-class FP8Linear(torch.nn.Module, ResolvesCompute):
-    """A Linear whose `weight` is FP8 and `weight_scale` float32 ([out, 1] or []): the engine's FP8 layer for
-    plain torch modules (`quant.quantize`). Inside ComfyUI the ops class's Linear does the same math and adds
-    ComfyUI's patching protocol (nodes/fp8_ops.py)."""
+    @property
+    def fp8_format(self) -> str:
+        return format_name(self.weight.dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_weight(self.weight, self.weight_scale, dtype)
+
+    def extra_repr(self) -> str:
+        out, in_ = self.weight.shape
+        kind = f"{self.weight.dtype}, scale {tuple(self.weight_scale.shape)}" if self.weight_scale is not None \
+            else f"{self.weight.dtype} (16-bit layer)"
+        return f"in_features={in_}, out_features={out}, {kind}, compute={self.compute}"
+
+
+class FP8Linear(FP8LinearMixin, torch.nn.Module):
+    """The FP8 layer for plain torch modules (`quant.quantize`)."""
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
                  compute: str = "auto") -> None:
@@ -122,16 +143,5 @@ class FP8Linear(torch.nn.Module, ResolvesCompute):
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(qweight, scale, bias, compute)
 
-    @property
-    def fp8_format(self) -> str:
-        return format_name(self.weight.dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.compute_for(x.device))
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_weight(self.weight, self.weight_scale, dtype)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.weight.dtype}, "
-                f"scale {tuple(self.weight_scale.shape)}, compute={self.compute}")
+        return self.fp8_forward(x, self.weight, self.weight_scale, self.bias)

@@ -130,9 +130,14 @@ class ProtectionPolicy:
     warnings: list[str] = field(default_factory=list)
     variant: Variant = Variant(None)
     unit_scale: frozenset[str] = frozenset()  # non-Linear tensors to store in FP8 with scale 1.0
+    reasons: dict[str, str] = field(default_factory=dict)  # protected layer -> the preset glob or pattern line
 
     def should_quantize(self, name: str, shape: tuple[int, ...]) -> bool:
         return len(shape) == 2 and name.removesuffix(".weight") not in self.protected
+
+    def why_protected(self, name: str) -> str | None:
+        """The rule that keeps layer `name` 16-bit, or None if it goes FP8."""
+        return self.reasons.get(name, self.rule) if name in self.protected else None
 
 
 def _generic_protected(names: list[str]) -> set[str]:
@@ -155,12 +160,12 @@ def resolve_policy(config: QuantConfig, shapes: Mapping[str, tuple[int, ...]], h
     preset = config.protect_preset
     if preset == "auto":
         if variant.name is None:
-            protected = _generic_protected(names)
+            reasons = dict.fromkeys(_generic_protected(names), "generic rule: embedders, first and last layers")
             rule = (f"auto: generic rule (not an SD3 MMDiT): kept embedders, first and last Linear layers 16-bit "
-                    f"({len(protected)} layers)")
+                    f"({len(reasons)} layers)")
         else:
             chosen = variant.name if variant.name in PRESET_PATTERNS else "sd35_large"
-            protected = _apply(PRESET_PATTERNS[chosen], names)
+            reasons = _apply(chosen, names)
             rule = f"auto: detected {variant.name} ({variant.describe()}); preset {chosen}"
     else:
         if preset != "none" and variant.name is None:
@@ -169,21 +174,23 @@ def resolve_policy(config: QuantConfig, shapes: Mapping[str, tuple[int, ...]], h
         if preset != "none" and variant.name not in (preset, None) and {preset, variant.name} != \
                 {"sd35_large", "sd35_large_turbo"}:
             warnings.append(f"protect_preset {preset} chosen but the weights look like {variant.name}")
-        protected = _apply(PRESET_PATTERNS[preset], names)
+        reasons = _apply(preset, names)
         rule = f"preset {preset}" + (f" ({variant.describe()})" if variant.name else "")
     tables = [n for n in UNIT_SCALE_TENSORS if variant.name is not None and len(shapes.get(n, ())) >= 2]
     for pattern in user:
         matched = {n for n in names + tables if pattern.match(n)}
         if not matched:
             warnings.append(f"protect_patterns line {pattern.line}: {pattern.text!r} matches no layer")
-        protected |= matched
-    unit_scale = frozenset(n for n in tables if n not in protected)
+        reasons.update(dict.fromkeys(matched, f"protect_patterns line {pattern.line}: {pattern.text}"))
+    unit_scale = frozenset(n for n in tables if n not in reasons)
     if unit_scale:
         rule += f"; {', '.join(sorted(unit_scale))} FP8 (scale 1)"
     if user:
         rule += f"; plus {len(user)} user pattern(s)"
-    return ProtectionPolicy(rule, frozenset(protected), warnings, variant, unit_scale)
+    return ProtectionPolicy(rule, frozenset(reasons), warnings, variant, unit_scale, reasons)
 
 
-def _apply(globs: tuple[str, ...], names: list[str]) -> set[str]:
-    return {n for n in names if any(_glob_match(n, g) for g in globs)}
+def _apply(preset: str, names: list[str]) -> dict[str, str]:
+    """{layer: "preset <name>: <glob>"} for the preset's layers among `names`."""
+    matches = ((n, next((g for g in PRESET_PATTERNS[preset] if _glob_match(n, g)), None)) for n in names)
+    return {n: f"preset {preset}: {g}" for n, g in matches if g is not None}

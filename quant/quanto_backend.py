@@ -1,24 +1,45 @@
-"""The `quanto` backend: optimum-quanto qfloat8 weights with the same protection policy (as `exclude`).
+"""The `quanto` backend: optimum-quanto qfloat8 weights on the layers the plan marks FP8.
 
-Kept for comparison (the benchmark measures it side by side) and for users already on quanto.
-quanto stores per-output-channel float8_e4m3fn weights with its own scales; forward dequantizes.
+The reference implementation: the benchmark and tests measure it side by side with ours, and
+`python -m quant convert --backend quanto` offers it to people on the seed's stack (optional extra `[quanto]`;
+the nodes never import it). quanto stores per-output-channel float8 weights with absmax scales: on a module
+they become quanto's QLinear (forward dequantizes), in a file our layout (FP8 weight + float32 scale).
 """
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
-from .config import QuantConfig
-from .policy import ProtectionPolicy
+from .formats import relative_error
+from .plan import FP8, Plan
 from .report import LayerReport, Report
 
 
-def quanto_weight_dtype(config: QuantConfig):
-    from optimum.quanto import qfloat8_e4m3fn, qfloat8_e5m2
+def quanto_weight_dtype(fp8_format: str):
+    try:
+        from optimum.quanto import qfloat8_e4m3fn, qfloat8_e5m2
+    except ImportError:
+        raise ValueError("backend quanto needs optimum-quanto: pip install optimum-quanto (the pack's [quanto] "
+                         "extra), or use backend native") from None
 
-    return {"float8_e4m3fn": qfloat8_e4m3fn, "float8_e5m2": qfloat8_e5m2}[config.fp8_format]
+    return {"float8_e4m3fn": qfloat8_e4m3fn, "float8_e5m2": qfloat8_e5m2}[fp8_format]
+
+
+def _check_scaling(scaling: str) -> None:
+    if scaling != "per_channel":
+        raise ValueError("scaling: the quanto backend only does per_channel scales; use backend=native for per_tensor")
+
+
+def quanto_quantize_weight(weight: torch.Tensor, fp8_format: str, scaling: str,
+                           name: str = "weight") -> tuple[torch.Tensor, torch.Tensor, float]:
+    """quanto's qfloat8 of one 2-D weight, as (FP8 data, float32 [out, 1] scale, relative error)."""
+    from optimum.quanto import quantize_weight
+    from optimum.quanto.tensor.optimizers import AbsmaxOptimizer
+
+    _check_scaling(scaling)
+    qtype = quanto_weight_dtype(fp8_format)
+    qweight = quantize_weight(weight, qtype, axis=0, scale=AbsmaxOptimizer()(weight, qtype, axis=0))
+    return qweight._data, qweight._scale.float(), relative_error(weight, qweight.dequantize())
 
 
 def dequantized_quanto_weight(layer: torch.nn.Module) -> torch.Tensor:
@@ -27,36 +48,28 @@ def dequantized_quanto_weight(layer: torch.nn.Module) -> torch.Tensor:
     return weight.dequantize() if hasattr(weight, "dequantize") else weight
 
 
-def _tensor_bytes(t) -> int:
-    if hasattr(t, "_data") and hasattr(t, "_scale"):
-        return t._data.numel() * t._data.element_size() + t._scale.numel() * t._scale.element_size()
-    return t.numel() * t.element_size()
+def _nbytes(t) -> int:
+    parts = (t._data, t._scale) if hasattr(t, "_data") and hasattr(t, "_scale") else (t,)
+    return sum(p.numel() * p.element_size() for p in parts)
 
 
-def quantize_quanto(module: torch.nn.Module, config: QuantConfig, policy: ProtectionPolicy,
-                    inplace: bool = False) -> tuple[torch.nn.Module, Report]:
+def quantize_quanto(target: torch.nn.Module, plan: Plan, report: Report) -> set[str]:
+    """In place: quanto's qfloat8 on the Linear layers the plan marks FP8; their rows go into `report`.
+    Returns the keys handled (the FP8 layers' weights)."""
     from optimum.quanto import freeze
     from optimum.quanto import quantize as quanto_quantize
 
-    if config.scaling != "per_channel":
-        raise ValueError("scaling: the quanto backend only does per_channel scales; use backend=native for per_tensor")
-    target = module if inplace else copy.deepcopy(module)
-    linears = {n: m for n, m in target.named_modules() if isinstance(m, torch.nn.Linear)}
-    exclude = [n for n, m in linears.items() if not policy.should_quantize(n, tuple(m.weight.shape))]
-    before = {n: (m.weight.detach().clone(), tuple(m.weight.shape), str(m.weight.dtype)) for n, m in linears.items()}
-    quanto_quantize(target, weights=quanto_weight_dtype(config), exclude=exclude or None)
+    _check_scaling(plan.config.scaling)
+    chosen = {plan[k].layer: k for k in plan.keys(FP8)}
+    before = {name: target.get_submodule(name).weight.detach().clone() for name in chosen}
+    # quanto converts every Linear and Conv it is not told to leave alone
+    exclude = [n for n, m in target.named_modules() if n and n not in chosen and not list(m.children())]
+    quanto_quantize(target, weights=quanto_weight_dtype(plan.config.fp8_format), exclude=exclude or None)
     freeze(target)
-    report = Report(rule=policy.rule, warnings=list(policy.warnings), fp8_format=config.fp8_format,
-                    scaling=config.scaling, backend="quanto")
-    from .formats import relative_error
-
-    for name, (weight, shape, dtype) in before.items():
-        nbytes = weight.numel() * weight.element_size()
-        if name in exclude:
-            report.add(LayerReport(name, shape, dtype, dtype, nbytes, nbytes, None, "protected"))
-            continue
+    for name, weight in before.items():
         layer = target.get_submodule(name)
-        q = layer.weight
-        report.add(LayerReport(name, shape, dtype, str(getattr(q, "_data", q).dtype), nbytes, _tensor_bytes(q),
-                               relative_error(weight, dequantized_quanto_weight(layer)), "fp8"))
-    return target, report
+        stored = getattr(layer.weight, "_data", layer.weight)
+        report.add(LayerReport(name, tuple(weight.shape), str(weight.dtype), str(stored.dtype),
+                               weight.numel() * weight.element_size(), _nbytes(layer.weight),
+                               relative_error(weight, dequantized_quanto_weight(layer)), FP8))
+    return set(chosen.values())

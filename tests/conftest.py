@@ -77,9 +77,14 @@ def comfy_base(tmp_path_factory, fixture_files: dict) -> Path:
 
 @pytest.fixture(scope="session")
 def comfy_nodes(comfy_dir: Path, comfy_base: Path) -> dict:
-    """Boot ComfyUI in this process and load all nodes; fails if our pack fails to import."""
+    """Boot ComfyUI in this process and load all nodes; fails if our pack fails to import.
+
+    At the session's end: the engine was imported once, as the pack's own `quant` (tests reach it through the pack,
+    so their isinstance checks and module state are the ones ComfyUI runs)."""
     comfy_host.boot(comfy_dir, comfy_base)
-    return comfy_host.load_nodes(PACK_NAME)
+    yield comfy_host.load_nodes(PACK_NAME)
+    second = sorted(name for name in sys.modules if name == "quant" or name.startswith("quant."))
+    assert not second, f"the engine was imported a second time, outside the pack: {second}"
 
 
 @pytest.fixture(scope="session")

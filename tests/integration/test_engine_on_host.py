@@ -52,7 +52,8 @@ def test_legacy_scaled_fp8_file_loads_through_our_loader(runner, comfy_base, fix
     prompt.update(decode_and_preview(["ks16", 0], ["ck", 2], "fp16"))
     runner.run(prompt)
     model, report = runner.node_outputs("ld")
-    assert "already holds FP8" in report and len(fp8_layers(model)) == sum(k.endswith(".scale_weight") for k in legacy)
+    held = sum(k.endswith(".scale_weight") for k in legacy)
+    assert f"already holds {held} FP8 layer(s)" in report and len(fp8_layers(model)) == held
     ours, ref = runner.node_outputs("ks")[0]["samples"], runner.node_outputs("ks16")[0]["samples"]
     assert torch.isfinite(ours).all() and float((ours - ref).norm() / ref.norm()) < 0.1
 

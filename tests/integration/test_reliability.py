@@ -337,8 +337,8 @@ def test_nan_weight_in_a_loaded_model_fails_quantize_and_leaves_it_unchanged(run
 def test_extreme_magnitudes_quantize_finite_in_both_formats(runner, fixture_files, bad):
     """Weights of 1e4 (beyond e4m3's 448) and 1e-7 (below both formats' subnormals) in one model: the scales
     absorb them; a bare cast would clip the first to +-448 and flush the second to zero."""
-    from quant.formats import fp8_dtype, relative_error
-
+    formats = pack_module("quant.formats")  # the engine as ComfyUI imported it: one copy in the process
+    fp8_dtype, relative_error = formats.fp8_dtype, formats.relative_error
     huge = load_file(str(bad["dm"] / "huge_range.safetensors"))
     qkv, proj = huge[f"{INF_LAYER}.weight"], huge["joint_blocks.0.x_block.attn.proj.weight"]
     assert float(qkv.abs().max()) > 1e4 and float(proj.abs().max()) < 1e-5
@@ -467,8 +467,8 @@ def test_fault_mid_quantize_leaves_cached_model_unchanged(runner, fixture_files,
             comfy.model_management.interrupt_current_processing(True)
 
     if fault == "error":
-        patching = pack_module("nodes.patching")
-        real = patching.quantize_weight_with_error
+        plan = pack_module("quant.plan")  # where every driver quantizes a weight
+        real = plan.quantize_weight_with_error
         calls = itertools.count(1)
 
         def failing(weight, *args, **kwargs):
@@ -476,7 +476,7 @@ def test_fault_mid_quantize_leaves_cached_model_unchanged(runner, fixture_files,
                 raise RuntimeError("simulated failure: out of memory")
             return real(weight, *args, **kwargs)
 
-        monkeypatch.setattr(patching, "quantize_weight_with_error", failing)
+        monkeypatch.setattr(plan, "quantize_weight_with_error", failing)
     with progress_hook(on_progress):
         text = error_of(runner, _quantize_prompt(ckpt, 1 if fault == "interrupt" else 2))
     monkeypatch.undo()

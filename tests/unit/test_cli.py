@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -64,3 +65,31 @@ def test_default_layout_is_what_stock_comfyui_runs_natively(fixture_files, tmp_p
     auto = run("convert", str(fixture_files["large_transformer"]), str(tmp_path / "pc.safetensors"), "--layout", "auto")
     assert auto.returncode == 0 and json.loads(run("inspect", str(tmp_path / "pc.safetensors")).stdout)[
         "per_channel_layers"] == len(layers)
+
+
+def test_quanto_backend_writes_quantos_weights_in_our_layout(fixture_files, tmp_path):
+    """--backend quanto: optimum-quanto's qfloat8 per-channel weights, the same layers and the same file layout as
+    native; per-channel absmax e4m3 both, so each layer's error matches native's."""
+    pytest.importorskip("optimum.quanto")
+    outputs = {}
+    for backend in ("native", "quanto"):
+        outputs[backend] = tmp_path / f"{backend}.safetensors"
+        done = run("convert", str(fixture_files["large_transformer"]), str(outputs[backend]), "--layout", "auto",
+                   "--backend", backend)
+        assert done.returncode == 0, done.stderr
+        assert f"(backend {backend})" in done.stdout
+    native, quanto = (load_file(str(outputs[b])) for b in ("native", "quanto"))
+    assert native.keys() == quanto.keys()
+    source = load_file(str(fixture_files["large_transformer"]))
+    fp8 = [k for k, v in quanto.items() if v.dtype == torch.float8_e4m3fn and v.dim() == 2]
+    assert fp8 and fp8 == [k for k, v in native.items() if v.dtype == torch.float8_e4m3fn and v.dim() == 2]
+    for key in fp8:
+        scale = quanto[key.replace(".weight", ".weight_scale")]
+        assert scale.shape == (quanto[key].shape[0], 1) and scale.dtype == torch.float32
+        ref = source[key].float()
+        errors = [float((f[key].float() * f[key.replace(".weight", ".weight_scale")] - ref).norm() / ref.norm())
+                  for f in (native, quanto)]
+        assert errors[1] == pytest.approx(errors[0], rel=0.2), key
+    refused = run("convert", str(fixture_files["large_transformer"]), str(tmp_path / "x.safetensors"),
+                  "--backend", "quanto")
+    assert refused.returncode == 2 and "--layout auto" in refused.stderr

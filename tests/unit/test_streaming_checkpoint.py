@@ -118,7 +118,7 @@ def test_legacy_scaled_fp8_file_loads_and_streams(tmp_path):
                              sd["joint_blocks.0.x_block.attn.qkv.weight_scale"])
     assert float((real - w).norm() / w.norm()) < 0.04
     assert sd["joint_blocks.0.x_block.attn.qkv.bias"].dtype == torch.float16  # an unscaled fp8 bias, widened
-    assert "already holds FP8" in " ".join(report.warnings)
+    assert "already holds 1 FP8 layer(s)" in " ".join(report.warnings)
     streamed = sd
     assert torch.equal(streamed["joint_blocks.0.x_block.attn.qkv.weight_scale"], scale.reshape(()).float())
 
