@@ -143,7 +143,7 @@ def _apply_weight_patch(patch, weight: torch.Tensor) -> torch.Tensor:
     return patch(weight)
 
 
-def fp8_linear_from(ops: type, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+def ops_linear_holding(ops: type, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                     bias_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """A Linear of `ops` holding the given FP8 weight and scale (for object patches)."""
     out_features, in_features = qweight.shape

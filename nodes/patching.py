@@ -15,9 +15,9 @@ import comfy.utils
 import torch
 
 from ..quant.config import QuantConfig
-from ..quant.plan import FP8, HELD, TABLE, apply, make_plan
+from ..quant.plan import FP8, HELD, UNIT_SCALE, apply, make_plan
 from ..quant.report import Report
-from .fp8_ops import fp8_linear_from, make_fp8_ops
+from .fp8_ops import make_fp8_ops, ops_linear_holding
 from .host_fp8 import fp8_weight, is_linear
 
 
@@ -71,8 +71,8 @@ def quantize_modules(patcher, root_attr: str, config: QuantConfig, *, text_encod
         if decision.action == FP8:
             bias = linears[decision.layer].bias
             clone.add_object_patch(f"{prefix}{decision.layer}",
-                                   fp8_linear_from(ops, stored, scale, bias, bias_dtype=tensor.dtype))
-        elif decision.action == TABLE and stored is not tensor:
+                                   ops_linear_holding(ops, stored, scale, bias, bias_dtype=tensor.dtype))
+        elif decision.action == UNIT_SCALE and stored is not tensor:
             clone.add_object_patch(f"{prefix}{key}", stored)
         progress.update_absolute(index + 1)
     return clone, plan.finish(report)

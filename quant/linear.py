@@ -77,7 +77,7 @@ def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+def scaled_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                compute: str = "weight_only") -> torch.Tensor:
     """The functional form both FP8Linear and ComfyUI's FP8 ops call. `compute` is already resolved."""
     if compute == "fp8_matmul":
@@ -106,7 +106,7 @@ class FP8LinearMixin:
     def fp8_forward(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                     bias: torch.Tensor | None) -> torch.Tensor:
         """y = x @ (weight * scale).T + bias, on the path `compute` resolves to on x's device."""
-        return fp8_linear(x, weight, scale, bias, self.compute_for(x.device))
+        return scaled_linear(x, weight, scale, bias, self.compute_for(x.device))
 
     @property
     def fp8_format(self) -> str:

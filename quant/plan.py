@@ -22,7 +22,7 @@ from .report import LayerReport, Report
 
 FP8 = "fp8"  # quantized: FP8 weight + float32 scale
 PROTECTED = "protected"  # a Linear weight kept 16-bit by a rule
-TABLE = "table"  # a non-Linear table (pos_embed) stored in FP8 with scale 1.0 where that is accurate enough
+UNIT_SCALE = "unit_scale"  # a non-Linear table (pos_embed) in FP8 with scale 1.0 where that is accurate enough
 HELD = "held_fp8"  # arrived in FP8 with its scale (a scaled FP8 file, a host's FP8 layer): passed through
 WIDEN = "widen"  # a bare float8 tensor of an older scaled_fp8 file (a bias): widened to float16
 KEPT = "kept"  # any other tensor of what is quantized (norms, biases, convs): stored as it is
@@ -122,7 +122,7 @@ def make_plan(config: QuantConfig, shapes: Mapping[str, tuple[int, ...]], dtypes
         layer = rel.removesuffix(".weight") if is_layer(key) else rel
         dtype = dtypes[key]
         if in_model and rel in policy.unit_scale:
-            return Decision(TABLE, "SD3 table: FP8 with scale 1.0", rel, True)
+            return Decision(UNIT_SCALE, "SD3 table: FP8 with scale 1.0", rel, True)
         if dtype in FP8_DTYPES.values():  # wherever it is: its scale must travel with it
             if is_layer(key) or has_scale(key):
                 return Decision(HELD, "already FP8 with its scale", layer, in_model)
@@ -175,7 +175,7 @@ def apply(decision: Decision, tensor: torch.Tensor, config: QuantConfig, report:
             raise ValueError(f"{name} is {tensor.dtype} without a weight_scale/scale_weight: not a scaled FP8 "
                              "layer this pack can read")
         stored_scale = scale.float()
-    elif action == TABLE and tensor.dtype.itemsize > 1:
+    elif action == UNIT_SCALE and tensor.dtype.itemsize > 1:
         fp8, error, why = quantize_unit_scale(tensor.detach(), config.fp8_format, name=name)
         if why:
             report.warnings.append(why)

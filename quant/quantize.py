@@ -13,7 +13,7 @@ import torch
 
 from .config import QuantConfig
 from .linear import FP8Linear
-from .plan import FP8, TABLE, Plan, apply, make_plan
+from .plan import FP8, UNIT_SCALE, Plan, apply, make_plan
 from .policy import ProtectionPolicy
 from .report import Report
 
@@ -65,6 +65,6 @@ def quantize(module: torch.nn.Module, config: QuantConfig | None = None, policy:
             linear = target.get_submodule(decision.layer)
             bias = None if linear.bias is None else linear.bias.detach()
             _set(target, decision.layer, FP8Linear(stored, scale, bias, config.compute))
-        elif decision.action == TABLE and stored is not tensor:
+        elif decision.action == UNIT_SCALE and stored is not tensor:
             _set(target, key, stored)
     return target, plan.finish(report)

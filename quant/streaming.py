@@ -26,7 +26,7 @@ from .plan import (
     HELD,
     LOADER_TEXT_ENCODER_CHOICES,
     QUANT_ENTRY_SUFFIX,
-    TABLE,
+    UNIT_SCALE,
     UnsupportedQuantFormat,
     apply,
     choose_encoders,
@@ -85,7 +85,7 @@ def _quantize_all(keys: list[str], shapes: Mapping[str, tuple[int, ...]], dtypes
 
     # Tables first (pos_embed: 9% of Medium): their 16-bit copy is then briefly held beside the FP8 one while
     # little else is, instead of on top of the whole FP8 model at the end.
-    keys = sorted((k for k in keys if plan[k].action != COMPANION), key=lambda k: plan[k].action != TABLE)
+    keys = sorted((k for k in keys if plan[k].action != COMPANION), key=lambda k: plan[k].action != UNIT_SCALE)
     out: dict[str, torch.Tensor] = {}
     layer_formats: dict[str, str] = {}
     for index, key in enumerate(keys):

@@ -122,7 +122,7 @@ def test_lora_requantization_multiplies_small_scales_in_float32(pack):
     real = torch.randn(32, 16, dtype=torch.float64) * 1e-6
     scale = (real.abs().amax(dim=1, keepdim=True) / 448).float()
     qweight = (real / scale.double()).to(torch.float8_e4m3fn)
-    layer = fp8_ops.fp8_linear_from(fp8_ops.make_fp8_ops("weight_only"), qweight, scale, None)
+    layer = fp8_ops.ops_linear_holding(fp8_ops.make_fp8_ops("weight_only"), qweight, scale, None)
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         temp = layer.convert_weight(layer.weight.to(dtype), inplace=True)
         expected = qweight.double() * scale.double()
@@ -139,7 +139,7 @@ def test_lora_protocol_keeps_scale_and_round_trips(pack):
     formats = importlib.import_module(pack.__name__ + ".quant.formats")
     torch.manual_seed(0)
     qweight, scale = formats.quantize_weight(torch.randn(96, 64) * 0.1)
-    layer = fp8_ops.fp8_linear_from(fp8_ops.make_fp8_ops("weight_only"), qweight, scale, torch.zeros(96))
+    layer = fp8_ops.ops_linear_holding(fp8_ops.make_fp8_ops("weight_only"), qweight, scale, torch.zeros(96))
     original = layer.weight
     temp = layer.convert_weight(layer.weight.to(torch.float32), inplace=True)
     torch.testing.assert_close(temp, formats.dequantize_weight(qweight, scale))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from quant import hardware, linear
 from quant.formats import quantize_weight
 from quant.hardware import FP8MatmulUnsupported, probe_device, resolve_compute
-from quant.linear import FP8Linear, fp8_linear
+from quant.linear import FP8Linear, scaled_linear
 
 
 def _linear(out_f=96, in_f=64, bias=True, seed=0) -> torch.nn.Linear:
@@ -45,7 +45,7 @@ def test_functional_path_matches_module():
     lin = _linear()
     q, s = quantize_weight(lin.weight.detach())
     x = torch.randn(4, 64)
-    torch.testing.assert_close(fp8_linear(x, q, s, lin.bias), FP8Linear(q, s, lin.bias, "weight_only")(x))
+    torch.testing.assert_close(scaled_linear(x, q, s, lin.bias), FP8Linear(q, s, lin.bias, "weight_only")(x))
 
 
 def test_bf16_activations_stay_bf16():
@@ -79,7 +79,7 @@ def test_fp8_matmul_matches_dequantize_then_matmul(scaled_mm_calls, device, scal
     layer = FP8Linear.from_linear(lin, scaling=scaling, compute="fp8_matmul" if device == "cuda" else "auto")
     layer = layer.to(device)
     x = torch.randn(3, 24, 128, device=device, dtype=dtype)
-    out = fp8_linear(x, layer.weight, layer.weight_scale, layer.bias, "fp8_matmul")
+    out = scaled_linear(x, layer.weight, layer.weight_scale, layer.bias, "fp8_matmul")
     reference = F.linear(x.double(), layer.dequantized_weight(torch.float64), lin.bias.detach().double())
     assert len(scaled_mm_calls) == 1, "the FP8 matmul did not run"
     call = scaled_mm_calls[0]
@@ -95,7 +95,7 @@ def test_fp8_matmul_scales_each_token_on_its_own(scaled_mm_calls):
     layer = FP8Linear.from_linear(_linear(64, 128))
     x = torch.randn(32, 128, dtype=torch.bfloat16)
     x[0] *= 1000
-    out = fp8_linear(x, layer.weight, layer.weight_scale, layer.bias, "fp8_matmul")
+    out = scaled_linear(x, layer.weight, layer.weight_scale, layer.bias, "fp8_matmul")
     reference = F.linear(x.double(), layer.dequantized_weight(torch.float64), layer.bias.double())
     rest = float((out[1:].double() - reference[1:]).norm() / reference[1:].norm())
     assert len(scaled_mm_calls) == 1 and rest < 0.03, rest
@@ -106,9 +106,9 @@ def test_fp8_matmul_falls_back_to_weight_only_where_scaled_mm_cannot_run(scaled_
     layer = FP8Linear.from_linear(_linear(64, in_f), fmt)
     x = torch.randn(4, in_f)
     with caplog.at_level("INFO", logger="quant.linear"):
-        out = fp8_linear(x, layer.weight, layer.weight_scale, layer.bias, "fp8_matmul")
+        out = scaled_linear(x, layer.weight, layer.weight_scale, layer.bias, "fp8_matmul")
     assert scaled_mm_calls == [] and why in caplog.text
-    assert torch.equal(out, fp8_linear(x, layer.weight, layer.weight_scale, layer.bias, "weight_only"))
+    assert torch.equal(out, scaled_linear(x, layer.weight, layer.weight_scale, layer.bias, "weight_only"))
 
 
 def test_fp8_matmul_stays_off_the_cpu_without_the_test_switch():

@@ -28,7 +28,7 @@ from quant.formats import (
     quantize_with_scale,
     relative_error,
 )
-from quant.linear import fp8_linear
+from quant.linear import scaled_linear
 from quant.policy import parse_patterns
 
 FORMATS = ("float8_e4m3fn", "float8_e5m2")
@@ -151,7 +151,7 @@ def test_fp8_linear_is_finite_and_matches_the_dequantized_matmul(weight, batch, 
                                               elements=st.floats(-4, 4, width=32))).copy()).to(compute_dtype)
     bias = torch.linspace(-1, 1, weight.shape[0]) if with_bias else None
     qweight, scale = quantize_weight(weight, "float8_e4m3fn", "per_channel")
-    y = fp8_linear(x, qweight, scale, bias, "weight_only")
+    y = scaled_linear(x, qweight, scale, bias, "weight_only")
     assert y.dtype == compute_dtype and y.shape == (batch, weight.shape[0])
     ref = x.double() @ dequantize_weight(qweight, scale, torch.float64).T + (0 if bias is None else bias.double())
     assume(bool(torch.isfinite(ref).all()) and float(ref.abs().max()) < 1e36)
