@@ -9,6 +9,8 @@ ComfyUI's own loaders then build the model, with our FP8 Linear as its operation
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import comfy.model_management
@@ -18,9 +20,11 @@ import folder_paths
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..quant.checkpoint import QUANT_METADATA_KEY, refuse_pickle
+from ..quant.budget import parse_budget
+from ..quant.checkpoint import QUANT_METADATA_KEY, SAFETENSORS_DTYPES, refuse_pickle
 from ..quant.config import QuantConfig
 from ..quant.streaming import quantize_safetensors_stream, quantize_state_dict
+from .budget import memory_budget_input, resolve_budget
 from .common import CATEGORY, PackNode, protect_patterns_input, quant_inputs, record_info
 from .fp8_ops import FLOAT8_DTYPES, check_compute_supported, make_fp8_ops
 from .fp8_tables import fp8_tables_in_place
@@ -64,26 +68,41 @@ def _model_file(folder: str, name: str, input_name: str) -> tuple[str, dict]:
     return path, refuse_pickle(path, input_name)
 
 
-def build_options(sd: dict, model_prefix: str) -> dict:
-    """model_options for ComfyUI's loaders: our FP8 ops, and the 16-bit dtype ComfyUI would pick for the model
-    in 16-bit. Left to itself, `unet_dtype()` picks float8 for a mostly-FP8 state dict on FP8 GPUs and on cards
+def model_dtype(dtypes: Mapping[str, torch.dtype], shapes: Mapping[str, tuple[int, ...]],
+                model_prefix: str) -> torch.dtype:
+    """The 16-bit dtype ComfyUI would pick for the model in 16-bit (from the source's dtypes and size, before
+    quantizing). Left to itself, `unet_dtype()` picks float8 for a mostly-FP8 state dict on FP8 GPUs and on cards
     with less free memory than 2 bytes a parameter, and would then cast the protected layers, biases, norms and
     embedders to float8 without a scale."""
     sizes: dict[torch.dtype, int] = {}
-    for key, tensor in sd.items():
-        if key.startswith(model_prefix) and tensor.is_floating_point() and tensor.dtype not in FLOAT8_DTYPES:
-            sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel()
+    params = 0
+    for key, dtype in dtypes.items():
+        if key.startswith(model_prefix):
+            params += math.prod(shapes[key])
+            if dtype.is_floating_point and dtype not in FLOAT8_DTYPES:
+                sizes[dtype] = sizes.get(dtype, 0) + math.prod(shapes[key])
     source = max(sizes, key=sizes.get, default=torch.float16)
-    params = comfy.utils.calculate_parameters(sd, model_prefix)
     dtype = comfy.model_management.unet_dtype(model_params=params, weight_dtype=source,
                                               supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
-    return {"dtype": source if dtype in FLOAT8_DTYPES else dtype}
+    return source if dtype in FLOAT8_DTYPES else dtype
 
 
-def _config(fp8_format, scaling, protect_preset, compute, protect_patterns) -> QuantConfig:
-    check_compute_supported(compute)
-    return QuantConfig(fp8_format=fp8_format, scaling=scaling, protect_preset=protect_preset,
-                       protect_patterns=protect_patterns, compute=compute)
+def _quantize_file(path: str, header: dict, model_prefix: str, settings: dict, memory_budget: str, **stream):
+    """Stream-quantize a checked file: (state dict, report, the model's 16-bit dtype for ComfyUI's build)."""
+    shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    dtypes = {k: SAFETENSORS_DTYPES.get(header[k]["dtype"], torch.uint8) for k in shapes}
+    dtype, config = _config(settings, memory_budget, dtypes, shapes, model_prefix)
+    sd, _, report = quantize_safetensors_stream(path, config, header=header, model_prefix=model_prefix,
+                                                progress=_progress(), budget_itemsize=dtype.itemsize, **stream)
+    return sd, report, dtype
+
+
+def _config(settings: dict, memory_budget: str, dtypes, shapes, model_prefix: str) -> tuple[torch.dtype, QuantConfig]:
+    """(the model's 16-bit dtype, the run's config: the node's quantization inputs and its resolved budget, whose
+    16-bit tensors count at that dtype's size, as ComfyUI will hold them)."""
+    check_compute_supported(settings["compute"])
+    budget = resolve_budget(memory_budget, shapes=shapes, model_prefix=model_prefix)
+    return model_dtype(dtypes, shapes, model_prefix), QuantConfig(**settings, memory_budget=budget)
 
 
 class SD35FP8CheckpointLoader(PackNode):
@@ -106,6 +125,7 @@ class SD35FP8CheckpointLoader(PackNode):
                                        "16-bit, as SD3.5's prompt following needs. none: all 16-bit. all: every "
                                        "text encoder in FP8."),
                 protect_patterns_input(),
+                memory_budget_input(),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The FP8 diffusion model."),
@@ -117,22 +137,23 @@ class SD35FP8CheckpointLoader(PackNode):
 
     @classmethod
     def execute(cls, ckpt_name, fp8_format, scaling, protect_preset, compute, text_encoder_fp8,
-                protect_patterns="") -> io.NodeOutput:
+                protect_patterns="", memory_budget="") -> io.NodeOutput:
         path, header = _model_file("checkpoints", ckpt_name, "ckpt_name")
         embeddings = folder_paths.get_folder_paths("embeddings")
         if fp8_format == "disabled":
+            if parse_budget(memory_budget) is not None:
+                raise ValueError("memory_budget: fitting a budget needs FP8; pick an fp8_format or set it off")
             model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path, embedding_directory=embeddings)
             report_text = f"{ckpt_name}: fp8_format=disabled, loaded as stored (no FP8)."
         else:
-            config = _config(fp8_format, scaling, protect_preset, compute, protect_patterns)
-            sd, _, report = quantize_safetensors_stream(path, config, header=header,
-                                                        model_prefix="model.diffusion_model.",
-                                                        text_encoders=text_encoder_fp8, progress=_progress())
+            settings = {"fp8_format": fp8_format, "scaling": scaling, "protect_preset": protect_preset,
+                        "compute": compute, "protect_patterns": protect_patterns}
+            sd, report, dtype = _quantize_file(path, header, "model.diffusion_model.", settings, memory_budget,
+                                               text_encoders=text_encoder_fp8)
             ops = make_fp8_ops(compute)
-            options = {"custom_operations": ops, **build_options(sd, "model.diffusion_model.")}
             with fp8_tables_in_place(sd, "model.diffusion_model."):
                 model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
-                    sd, embedding_directory=embeddings, model_options=options,
+                    sd, embedding_directory=embeddings, model_options={"custom_operations": ops, "dtype": dtype},
                     te_model_options={"custom_operations": ops}, metadata=_metadata(header))
             if model is None:
                 raise ValueError(f"ckpt_name: {ckpt_name} is not a diffusion model checkpoint ComfyUI recognises")
@@ -208,6 +229,7 @@ class SD35FP8DiffusionModelLoader(PackNode):
                                        "(with transformer/config.json) there or in models/diffusers."),
                 *quant_inputs(),
                 protect_patterns_input(),
+                memory_budget_input(),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The FP8 diffusion model."),
@@ -216,11 +238,13 @@ class SD35FP8DiffusionModelLoader(PackNode):
         )
 
     @classmethod
-    def execute(cls, model_name, fp8_format, scaling, protect_preset, compute, protect_patterns="") -> io.NodeOutput:
-        config = _config(fp8_format, scaling, protect_preset, compute, protect_patterns)
+    def execute(cls, model_name, fp8_format, scaling, protect_preset, compute, protect_patterns="",
+                memory_budget="") -> io.NodeOutput:
+        settings = {"fp8_format": fp8_format, "scaling": scaling, "protect_preset": protect_preset,
+                    "compute": compute, "protect_patterns": protect_patterns}
         if model_name in folder_paths.get_filename_list("diffusion_models"):
             path, header = _model_file("diffusion_models", model_name, "model_name")
-            sd, _, report = quantize_safetensors_stream(path, config, header=header, progress=_progress())
+            sd, report, dtype = _quantize_file(path, header, "", settings, memory_budget)
             metadata = _metadata(header)
         else:
             raw = read_diffusers_transformer(_diffusers_folder_path(model_name))
@@ -228,9 +252,12 @@ class SD35FP8DiffusionModelLoader(PackNode):
             if converted is None:
                 raise ValueError(f"model_name: {model_name} is a diffusers folder but not an SD3-family transformer")
             del raw
-            sd, _, report = quantize_state_dict(converted, config, model_prefix="", progress=_progress())
+            dtype, config = _config(settings, memory_budget, {k: v.dtype for k, v in converted.items()},
+                                    {k: tuple(v.shape) for k, v in converted.items()}, "")
+            sd, _, report = quantize_state_dict(converted, config, model_prefix="", progress=_progress(),
+                                                budget_itemsize=dtype.itemsize)
             metadata = {}
-        options = {"custom_operations": make_fp8_ops(compute), **build_options(sd, "")}
+        options = {"custom_operations": make_fp8_ops(compute), "dtype": dtype}
         with fp8_tables_in_place(sd, ""):
             model = comfy.sd.load_diffusion_model_state_dict(sd, metadata=metadata, model_options=options)
         if model is None:

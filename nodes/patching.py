@@ -14,8 +14,9 @@ import comfy.model_management
 import comfy.utils
 import torch
 
+from ..quant.budget import fit_budget
 from ..quant.config import QuantConfig
-from ..quant.plan import FP8, HELD, UNIT_SCALE, apply, make_plan
+from ..quant.plan import FP8, HELD, PROTECTED, UNIT_SCALE, Decision, apply, make_plan
 from ..quant.report import Report
 from .fp8_ops import make_fp8_ops, ops_linear_holding
 from .host_fp8 import fp8_weight, is_linear
@@ -63,10 +64,9 @@ def quantize_modules(patcher, root_attr: str, config: QuantConfig, *, text_encod
                      linears=set(linears))
     report = plan.new_report(rule)
     ops = make_fp8_ops(config.compute)
-    progress = comfy.utils.ProgressBar(max(len(tensors), 1))
-    for index, (key, tensor) in enumerate(tensors.items()):
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        decision = plan[key]
+
+    def store(key: str, decision: Decision, redo: bool = False) -> None:
+        tensor = tensors[key]
         stored, scale = apply(decision, tensor, config, report, scales.get(key) if decision.action == HELD else None)
         if decision.action == FP8:
             bias = linears[decision.layer].bias
@@ -74,5 +74,15 @@ def quantize_modules(patcher, root_attr: str, config: QuantConfig, *, text_encod
                                    ops_linear_holding(ops, stored, scale, bias, bias_dtype=tensor.dtype))
         elif decision.action == UNIT_SCALE and stored is not tensor:
             clone.add_object_patch(f"{prefix}{key}", stored)
+        elif redo and decision.action == PROTECTED:  # kept 16-bit by a memory budget after all: drop our patch
+            clone.object_patches.pop(f"{prefix}{decision.layer}", None)
+
+    progress = comfy.utils.ProgressBar(max(len(tensors), 1))
+    for index, key in enumerate(tensors):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        store(key, plan[key])
         progress.update_absolute(index + 1)
+    if config.memory_budget is not None:
+        for key, decision in fit_budget(plan, report, config.memory_budget, tensors.__getitem__).items():
+            store(key, decision, redo=True)
     return clone, plan.finish(report)

@@ -6,6 +6,7 @@ from comfy_api.v0_0_2 import io
 
 from ..quant.config import QuantConfig
 from ..quant.plan import CLIP_NODE_ENCODER_CHOICES, choose_encoders
+from .budget import memory_budget_input, resolve_budget
 from .common import (
     CATEGORY,
     INFO_KEY,
@@ -32,15 +33,17 @@ class SD35FP8QuantizeModel(PackNode):
                         "The input model is not changed, so the FP16 and FP8 versions can be sampled side by side. "
                         "LoRAs work before or after this node.",
             inputs=[io.Model.Input("model", tooltip="Any loaded diffusion model (SD3.5 gets tuned presets)."),
-                    *quant_inputs(), protect_patterns_input()],
+                    *quant_inputs(), protect_patterns_input(), memory_budget_input()],
             outputs=[io.Model.Output(display_name="model", tooltip="The FP8 model (a patched clone of the input)."),
                      io.String.Output(display_name="report", tooltip="Per-layer report: dtypes, bytes, error.")],
         )
 
     @classmethod
-    def execute(cls, model, fp8_format, scaling, protect_preset, compute, protect_patterns="") -> io.NodeOutput:
+    def execute(cls, model, fp8_format, scaling, protect_preset, compute, protect_patterns="",
+                memory_budget="") -> io.NodeOutput:
+        budget = resolve_budget(memory_budget, base_model=model.model, already_loaded=model.loaded_size())
         config = QuantConfig(fp8_format=fp8_format, scaling=scaling, protect_preset=protect_preset,
-                             protect_patterns=protect_patterns, compute=compute)
+                             protect_patterns=protect_patterns, compute=compute, memory_budget=budget)
         check_compute_supported(compute)
         out, report = quantize_modules(model, "diffusion_model", config)
         source = model.model_options.get(INFO_KEY, {}).get("source", "a MODEL quantized in the graph")

@@ -11,6 +11,9 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from .budget import auto_budget, parse_budget
 from .checkpoint import LAYOUTS, STOCK_FORMAT, inspect_file, save_quantized, to_stock_layout
 from .config import BACKENDS, PRESETS, QuantConfig
 from .formats import FP8_DTYPES, SCALINGS
@@ -54,10 +57,27 @@ def _format_and_scaling(args: argparse.Namespace) -> tuple[str, str]:
     return args.format or STOCK_FORMAT, args.scaling or "per_channel"
 
 
+# Sampling SD3.5 at 1024x1024 with cfg on a GPU, by ComfyUI 0.8's own estimate for SD3 with PyTorch attention
+# (BaseModel.memory_required: latent area 2 x 128 x 128 x 2 bytes x 0.01 x memory_usage_factor 1.6 MiB). The
+# nodes ask the running ComfyUI instead; the CLI has no ComfyUI to ask.
+CLI_SAMPLING_BYTES = int(2 * 128 * 128 * 2 * 0.01 * 1.6 * 2**20)
+
+
+def _budget(text: str | None) -> int | None:
+    value = parse_budget(text, "--budget")
+    if value != "auto":
+        return value
+    if torch.cuda.is_available():
+        return auto_budget(torch.cuda.mem_get_info()[0], CLI_SAMPLING_BYTES, torch.cuda.get_device_name())
+    available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
+    return auto_budget(available, CLI_SAMPLING_BYTES, "this machine's RAM (no GPU)")
+
+
 def convert(args: argparse.Namespace) -> int:
     fp8_format, scaling = _format_and_scaling(args)
     config = QuantConfig(fp8_format=fp8_format, scaling=scaling, protect_preset=args.preset,
-                         protect_patterns=tuple(args.protect or ()), backend=args.backend)
+                         protect_patterns=tuple(args.protect or ()), backend=args.backend,
+                         memory_budget=_budget(args.budget))
     sd, formats, report = quantize_safetensors_stream(args.input, config, model_prefix=DIFFUSION_PREFIX,
                                                       text_encoders=args.text_encoders,
                                                       progress=_progress_bar("quantizing"))
@@ -101,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--backend", default="native", choices=BACKENDS,
                       help="quanto: optimum-quanto's qfloat8 weights (per_channel; needs the [quanto] extra) "
                            "written in the same layout, for comparison with native")
+    conv.add_argument("--budget", default=None, metavar="GIB|auto",
+                      help="fit the diffusion model's weights in this many GiB (e.g. 10.5), keeping 16-bit the layers "
+                           "where 16-bit buys the most; auto: this machine's free GPU memory (else RAM) after sampling "
+                           "at 1024x1024. Default: the preset decides")
     conv.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     conv.add_argument("--max-layers", type=int, default=20, help="layers listed in the printed report")
     conv.set_defaults(func=convert)

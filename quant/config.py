@@ -30,6 +30,7 @@ class QuantConfig:
     protect_patterns: tuple[str, ...] = field(default_factory=tuple)
     compute: str = "auto"
     backend: str = "native"
+    memory_budget: int | None = None  # bytes for the diffusion model's weights (quant.budget); None: the preset decides
 
     def __post_init__(self) -> None:
         _check_choice("fp8_format", self.fp8_format, tuple(FP8_DTYPES))
@@ -37,6 +38,10 @@ class QuantConfig:
         _check_choice("protect_preset", self.protect_preset, PRESETS)
         _check_choice("compute", self.compute, COMPUTE_MODES)
         _check_choice("backend", self.backend, BACKENDS)
+        if self.memory_budget is not None and (not isinstance(self.memory_budget, int) or self.memory_budget <= 0):
+            raise ValueError(f"memory_budget: {self.memory_budget!r} is not a number of bytes above 0")
+        if self.memory_budget is not None and self.backend != "native":
+            raise ValueError("memory_budget: fitting a budget works with backend native only")
         if isinstance(self.protect_patterns, str):
             object.__setattr__(self, "protect_patterns", tuple(self.protect_patterns.splitlines()))
         else:

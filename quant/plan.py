@@ -81,6 +81,8 @@ class Plan:
         if report.n_already_fp8:
             report.warnings.append(f"the input already holds {report.n_already_fp8} FP8 layer(s): they were kept "
                                    "as they are")
+        elif report.n_fp8 == 0 and report.budget is not None:
+            report.warnings.append("the memory budget holds the whole model in 16-bit: no layer was quantized")
         elif report.n_fp8 == 0:
             report.warnings.append("no layer was quantized: check protect_preset / protect_patterns")
         return report

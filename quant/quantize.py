@@ -11,9 +11,10 @@ import copy
 
 import torch
 
+from .budget import fit_budget
 from .config import QuantConfig
 from .linear import FP8Linear
-from .plan import FP8, UNIT_SCALE, Plan, apply, make_plan
+from .plan import FP8, UNIT_SCALE, Decision, Plan, apply, make_plan
 from .policy import ProtectionPolicy
 from .report import Report
 
@@ -50,21 +51,30 @@ def quantize(module: torch.nn.Module, config: QuantConfig | None = None, policy:
     target = module if inplace else copy.deepcopy(module)
     plan = module_plan(target, config, policy, hint)
     report = plan.new_report()
-    tensors = module_tensors(target)  # as planned: quanto adds buffers of its own
+    tensors = module_tensors(target)  # as planned, and the sources a memory budget redoes layers from
+    tables = set(plan.keys(UNIT_SCALE))
+    originals: dict[str, torch.nn.Module] = {}
     skip: set[str] = set()
     if config.backend == "quanto":
         from .quanto_backend import quantize_quanto
 
         skip = quantize_quanto(target, plan, report)
-    for key, tensor in tensors.items():
-        if key in skip:
-            continue
-        decision = plan[key]
-        stored, scale = apply(decision, tensor.detach(), config, report)
+
+    def store(key: str, decision: Decision) -> None:
+        stored, scale = apply(decision, tensors[key].detach(), config, report)
         if decision.action == FP8:
-            linear = target.get_submodule(decision.layer)
+            linear = originals.setdefault(decision.layer, target.get_submodule(decision.layer))
             bias = None if linear.bias is None else linear.bias.detach()
             _set(target, decision.layer, FP8Linear(stored, scale, bias, config.compute))
-        elif decision.action == UNIT_SCALE and stored is not tensor:
+        elif decision.layer in originals:  # kept 16-bit by a memory budget after all
+            _set(target, decision.layer, originals.pop(decision.layer))
+        elif key in tables:
             _set(target, key, stored)
+
+    for key in tensors:
+        if key not in skip:
+            store(key, plan[key])
+    if config.memory_budget is not None:
+        for key, decision in fit_budget(plan, report, config.memory_budget, tensors.__getitem__).items():
+            store(key, decision)
     return target, plan.finish(report)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from .budget import format_bytes
+
 ACTIONS = ("fp8", "protected", "kept")
 
 
@@ -39,6 +41,7 @@ class Report:
     fp8_format: str = ""
     scaling: str = ""
     backend: str = "native"
+    budget: dict | None = None  # a memory budget's summary (quant.budget.fit_budget)
 
     def add(self, layer: LayerReport) -> None:
         self.layers.append(layer)
@@ -101,6 +104,11 @@ class Report:
             f"fp8 layers: {self.fp8_bytes} bytes, relative error mean {self.mean_rel_error:.4f} "
             f"max {self.max_rel_error:.4f}",
         ]
+        if self.budget is not None:
+            b = self.budget
+            lines.append(f"memory budget: {format_bytes(b['budget_bytes'])} -> weights {format_bytes(b['bytes'])}; "
+                         f"{len(b['kept_16bit'])} layer(s) kept 16-bit by the budget, {len(b['demoted'])} put in FP8; "
+                         f"predicted output error {b['predicted_error']:.4f}")
         lines += [f"warning: {w}" for w in self.warnings]
         lines.append("name | shape | before -> after | bytes | rel_error | action")
         listed = [layer for layer in self.layers
@@ -120,7 +128,7 @@ class Report:
             "rule": self.rule, "fp8_format": self.fp8_format, "scaling": self.scaling, "backend": self.backend,
             "warnings": list(self.warnings), "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
             "ratio": self.ratio, "n_fp8": self.n_fp8, "n_already_fp8": self.n_already_fp8,
-            "n_protected": self.n_protected, "fp8_bytes": self.fp8_bytes,
+            "n_protected": self.n_protected, "fp8_bytes": self.fp8_bytes, "budget": self.budget,
             "layers": [asdict(layer) for layer in self.layers],
         }
 

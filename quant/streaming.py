@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from .budget import fit_budget
 from .checkpoint import QUANT_METADATA_KEY, SAFETENSORS_DTYPES, check_safetensors
 from .config import QuantConfig
 from .formats import FP8_DTYPES, format_name
@@ -27,6 +28,7 @@ from .plan import (
     LOADER_TEXT_ENCODER_CHOICES,
     QUANT_ENTRY_SUFFIX,
     UNIT_SCALE,
+    Decision,
     UnsupportedQuantFormat,
     apply,
     choose_encoders,
@@ -69,45 +71,55 @@ def _quantize_all(keys: list[str], shapes: Mapping[str, tuple[int, ...]], dtypes
                   take: Callable[[str], torch.Tensor], peek: Callable[[str], torch.Tensor], config: QuantConfig,
                   model_prefix: str, text_encoders: str | None, progress: Progress | None, hint: str,
                   keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t, metadata: Mapping[str, str] = {},
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
-    """Both entry points: `take` yields each tensor once (read or popped), `peek` fetches a tensor by key (scales,
-    quantization entries), `keep` makes an output tensor safe to hold (the reader's scratch buffer is reused)."""
+                  budget_itemsize: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
+    """Both entry points: `take` yields each tensor once (read or popped), `peek` fetches a tensor by key, again if
+    need be (scales, quantization entries, the layers a memory budget redoes), `keep` makes an output tensor safe
+    to hold (the reader's scratch buffer is reused)."""
     entries = {k[: -len(QUANT_ENTRY_SUFFIX)]: peek(k).numpy().tobytes() for k in keys if k.endswith(QUANT_ENTRY_SUFFIX)}
     _refuse_unknown_formats(_declared_formats(metadata, entries))
     chosen = choose_encoders("text_encoder_fp8", text_encoders or "none", LOADER_TEXT_ENCODER_CHOICES)
     plan = make_plan(config, shapes, dtypes, model_prefix=model_prefix, hint=hint,
                      text_encoders={e: f"{CHECKPOINT_TEXT_ENCODER_PREFIX}{e}." for e in chosen})
     report = plan.new_report()
+    out: dict[str, torch.Tensor] = {}
+    layer_formats: dict[str, str] = {}
 
-    def scale_for(key: str) -> torch.Tensor | None:
-        layer = key.removesuffix(".weight")
-        return next((peek(layer + s) for s in (".weight_scale", ".scale_weight") if layer + s in shapes), None)
+    def store(key: str, decision: Decision, tensor: torch.Tensor) -> None:
+        scale_key = key.removesuffix(".weight") + ".weight_scale"
+        held_scale = None
+        if decision.action == HELD:
+            held_scale = next((peek(key.removesuffix(".weight") + s) for s in (".weight_scale", ".scale_weight")
+                               if key.removesuffix(".weight") + s in shapes), None)
+        tensor, scale = apply(decision, tensor, config, report, held_scale)
+        out[key] = keep(tensor)
+        if scale is not None:
+            out[scale_key] = scale
+            if decision.in_model:
+                layer_formats[decision.layer] = format_name(tensor.dtype)
+        elif out.pop(scale_key, None) is not None:  # a layer a memory budget keeps 16-bit after all
+            layer_formats.pop(decision.layer, None)
 
     # Tables first (pos_embed: 9% of Medium): their 16-bit copy is then briefly held beside the FP8 one while
     # little else is, instead of on top of the whole FP8 model at the end.
     keys = sorted((k for k in keys if plan[k].action != COMPANION), key=lambda k: plan[k].action != UNIT_SCALE)
-    out: dict[str, torch.Tensor] = {}
-    layer_formats: dict[str, str] = {}
     for index, key in enumerate(keys):
-        decision = plan[key]
-        tensor, scale = apply(decision, take(key), config, report,
-                              scale_for(key) if decision.action == HELD else None)
-        out[key] = keep(tensor)
-        if scale is not None:
-            out[key.removesuffix(".weight") + ".weight_scale"] = scale
-            if decision.in_model:
-                layer_formats[decision.layer] = format_name(tensor.dtype)
+        store(key, plan[key], take(key))
         if progress is not None:
             progress(index + 1, len(keys))
+    if config.memory_budget is not None:
+        for key, decision in fit_budget(plan, report, config.memory_budget, peek, budget_itemsize).items():
+            store(key, decision, peek(key))
     return out, layer_formats, plan.finish(report)
 
 
 def quantize_safetensors_stream(path: str | os.PathLike, config: QuantConfig, *, header: dict | None = None,
                                 model_prefix: str = "",
                                 text_encoders: str | None = None, progress: Progress | None = None,
-                                hint: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
+                                hint: str = "", budget_itemsize: int | None = None,
+                                ) -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
     """Read `path` tensor by tensor and quantize the diffusion model's Linear weights (and, if asked, the
-    text encoders'). Returns (state dict, {layer: format} for the FP8 layers of the model, Report)."""
+    text encoders'). Returns (state dict, {layer: format} for the FP8 layers of the model, Report).
+    `budget_itemsize`: bytes per element of the 16-bit tensors as the host will hold them, for a memory budget."""
     header = check_safetensors(path) if header is None else header  # `header`: already checked by the caller
     metadata = header.get("__metadata__", {}) or {}
     shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
@@ -119,7 +131,8 @@ def quantize_safetensors_stream(path: str | os.PathLike, config: QuantConfig, *,
     with open(path, "rb") as f:
         reader = _TensorReader(f, header, str(path))
         return _quantize_all(keys, shapes, dtypes, reader.read_scratch, reader.read, config, model_prefix,
-                             text_encoders, progress, hint, keep=reader.keep, metadata=metadata)
+                             text_encoders, progress, hint, keep=reader.keep, metadata=metadata,
+                             budget_itemsize=budget_itemsize)
 
 
 class _TensorReader:
@@ -173,10 +186,16 @@ class _TensorReader:
 
 def quantize_state_dict(sd: dict[str, torch.Tensor], config: QuantConfig, *, model_prefix: str = "",
                         text_encoders: str | None = None, progress: Progress | None = None,
-                        hint: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
+                        hint: str = "", budget_itemsize: int | None = None,
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
     """The in-memory twin of `quantize_safetensors_stream`. Consumes `sd` (pops each tensor once done)."""
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     dtypes = {k: v.dtype for k, v in sd.items()}
+    if config.memory_budget is not None:  # the budget may redo any layer from its 16-bit source: keep them all
+        result = _quantize_all(list(sd), shapes, dtypes, sd.__getitem__, sd.__getitem__, config, model_prefix,
+                               text_encoders, progress, hint, budget_itemsize=budget_itemsize)
+        sd.clear()
+        return result
     scales = {k: v for k, v in sd.items() if k.endswith((".weight_scale", ".scale_weight", QUANT_ENTRY_SUFFIX))}
     return _quantize_all(list(sd), shapes, dtypes, sd.pop, scales.__getitem__, config, model_prefix,
                          text_encoders, progress, hint)

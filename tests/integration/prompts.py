@@ -70,3 +70,8 @@ def quantize_model(model: list, **overrides) -> dict:
               "compute": "auto"}
     inputs.update(overrides)
     return {"class_type": "SD35FP8QuantizeModel", "inputs": inputs}
+
+
+def show(source: list) -> dict:
+    """PreviewAny: an output node, so a branch ending in a STRING (a report) executes."""
+    return {"class_type": "PreviewAny", "inputs": {"source": source}}

@@ -7,10 +7,11 @@ from helpers import combo_options
 QUANT = ["fp8_format", "scaling", "protect_preset", "compute"]
 CONTRACT = {
     "SD35FP8CheckpointLoader": ("Load SD3.5 Checkpoint (FP8)", ["ckpt_name", *QUANT, "text_encoder_fp8"],
-                                ["protect_patterns"], ("MODEL", "CLIP", "VAE", "STRING")),
-    "SD35FP8DiffusionModelLoader": ("Load SD3.5 Diffusion Model (FP8)", ["model_name", *QUANT], ["protect_patterns"],
-                                    ("MODEL", "STRING")),
-    "SD35FP8QuantizeModel": ("Quantize Model to FP8", ["model", *QUANT], ["protect_patterns"], ("MODEL", "STRING")),
+                                ["protect_patterns", "memory_budget"], ("MODEL", "CLIP", "VAE", "STRING")),
+    "SD35FP8DiffusionModelLoader": ("Load SD3.5 Diffusion Model (FP8)", ["model_name", *QUANT],
+                                    ["protect_patterns", "memory_budget"], ("MODEL", "STRING")),
+    "SD35FP8QuantizeModel": ("Quantize Model to FP8", ["model", *QUANT], ["protect_patterns", "memory_budget"],
+                             ("MODEL", "STRING")),
     "SD35FP8QuantizeCLIP": ("Quantize Text Encoders to FP8", ["clip", "encoders", "fp8_format", "scaling"], [],
                             ("CLIP", "STRING")),
     "SD35FP8Sampler": ("SD3.5 Sampler", ["model", "positive", "negative", "latent_image", "seed", "preset", "steps",

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from helpers import combo_options
 from PIL import Image
-from prompts import dm_loader, encode, fp8_loader, our_sampler, quantize_model
+from prompts import dm_loader, encode, fp8_loader, our_sampler, quantize_model, show
 
 from tools import comfy_host
 
@@ -114,10 +114,6 @@ def assert_healthy(server: comfy_host.ServerProcess) -> None:
     assert status == 200 and stats["system"]["comfyui_version"] == comfy_host.host_version()
     status, queue = http(server.url + "/queue")
     assert status == 200 and queue == {"queue_running": [], "queue_pending": []}, queue
-
-
-def show(source: list) -> dict:
-    return {"class_type": "PreviewAny", "inputs": {"source": source}}
 
 
 # --------------------------------------------------------------------------- the server

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import fp8_layers, snapshot
-from prompts import dm_loader, encode, fp8_loader, our_sampler, quantize_model
+from prompts import dm_loader, encode, fp8_loader, our_sampler, quantize_model, show
 from safetensors.torch import load_file, save_file
 
 from tools import comfy_host
@@ -35,10 +35,6 @@ _health = itertools.count()
 
 
 # --------------------------------------------------------------------------- helpers
-
-def show(source: list) -> dict:
-    return {"class_type": "PreviewAny", "inputs": {"source": source}}
-
 
 def error_of(runner, prompt: dict) -> str:
     """Run a prompt that must fail; return ComfyUI's error text (validation or execution)."""

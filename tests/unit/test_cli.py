@@ -93,3 +93,22 @@ def test_quanto_backend_writes_quantos_weights_in_our_layout(fixture_files, tmp_
     refused = run("convert", str(fixture_files["large_transformer"]), str(tmp_path / "x.safetensors"),
                   "--backend", "quanto")
     assert refused.returncode == 2 and "--layout auto" in refused.stderr
+
+
+def test_budget_fits_the_written_diffusion_model_and_bad_budgets_are_named(fixture_files, tmp_path):
+    source = fixture_files["large_transformer"]
+    sixteen = sum(t.numel() * t.element_size() for t in load_file(str(source)).values())
+    budget_gib = 0.7 * sixteen / 2**30
+    out = tmp_path / "budget.safetensors"
+    done = run("convert", str(source), str(out), "--budget", f"{budget_gib:.9f}")
+    assert done.returncode == 0, done.stderr
+    assert "memory budget:" in done.stdout and "kept 16-bit by the budget" in done.stdout
+    written = load_file(str(out))
+    assert sum(t.numel() * t.element_size() for t in written.values()) <= budget_gib * 2**30
+    wide = [k for k, t in written.items() if k.endswith(".weight") and t.dim() == 2 and t.dtype.itemsize == 2]
+    assert len(wide) > 2  # more than the preset's embedders and final layer
+    for bad, message in (("lots", "--budget: 'lots' is not a memory budget"),
+                         ("0.00001", "below the smallest this model reaches")):
+        done = run("convert", str(source), str(tmp_path / "x.safetensors"), "--budget", bad)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert not (tmp_path / "x.safetensors").exists()
