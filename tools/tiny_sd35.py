@@ -44,10 +44,8 @@ FULL_SIZE: dict[str, dict] = {
 }
 CONTEXT_DIM = 4096  # T5-XXL width; CLIP-L/G contexts are zero-padded to it
 ADM_DIM = 2048  # pooled CLIP-L (768) + CLIP-G (1280)
-VAE_DDCONFIG = {
-    "double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3,
-    "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
-}
+VAE_DDCONFIG = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 
 
 def mmdit_kwargs(variant: str, depth: int | None = None) -> dict:
@@ -58,11 +56,9 @@ def mmdit_kwargs(variant: str, depth: int | None = None) -> dict:
     blocks = depth or v["depth"]
     return {
         "patch_size": 2, "in_channels": 16, "out_channels": 16, "depth": v["depth"], "num_blocks": blocks,
-        "input_size": None,
-        "adm_in_channels": ADM_DIM,
-        "context_embedder_config": {
-            "target": "torch.nn.Linear", "params": {"in_features": CONTEXT_DIM, "out_features": hidden},
-        },
+        "input_size": None, "adm_in_channels": ADM_DIM,
+        "context_embedder_config": {"target": "torch.nn.Linear",
+                                    "params": {"in_features": CONTEXT_DIM, "out_features": hidden}},
         "num_patches": v["pos_embed_max_size"] ** 2, "pos_embed_max_size": v["pos_embed_max_size"],
         "qk_norm": "rms", "pos_embed_scaling_factor": None,
         "x_block_self_attn_layers": [i for i in v["x_block_self_attn_layers"] if i < blocks],
@@ -81,18 +77,13 @@ def build_mmdit(variant: str, device: str = "meta", dtype: torch.dtype = torch.f
     return MMDiT(**mmdit_kwargs(variant, depth), device=device, dtype=dtype, operations=comfy.ops.disable_weight_init)
 
 
-def mmdit_shapes(variant: str) -> dict[str, tuple[int, ...]]:
-    return _meta_shapes(build_mmdit(variant))
-
-
 def vae_shapes() -> dict[str, tuple[int, ...]]:
     import comfy.ops  # noqa: F401  (model.py expects comfy.ops to be importable)
     from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
 
     with torch.device("meta"):
-        shapes = {f"encoder.{k}": s for k, s in _meta_shapes(Encoder(**VAE_DDCONFIG)).items()}
-        shapes.update({f"decoder.{k}": s for k, s in _meta_shapes(Decoder(**VAE_DDCONFIG)).items()})
-    return shapes
+        parts = {"encoder": Encoder(**VAE_DDCONFIG), "decoder": Decoder(**VAE_DDCONFIG)}
+    return {f"{name}.{k}": s for name, part in parts.items() for k, s in _meta_shapes(part).items()}
 
 
 def clip_l_shapes() -> dict[str, tuple[int, ...]]:
@@ -100,10 +91,6 @@ def clip_l_shapes() -> dict[str, tuple[int, ...]]:
 
     model = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float16)
     return {k: s for k, s in _meta_shapes(model).items() if k.startswith("transformer.")}
-
-
-def _seed_for(seed: int, key: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
 def sincos_pos_embed(shape: tuple[int, ...]) -> torch.Tensor:
@@ -134,14 +121,11 @@ def draw_tensor(key: str, shape: tuple[int, ...], seed: int, gain: float = 1.0) 
         return torch.arange(shape[-1]).expand(shape).clone()
     if key.endswith("pos_embed") and len(shape) == 3:
         return sincos_pos_embed(shape)
-    gen = torch.Generator().manual_seed(_seed_for(seed, key))
-    values = torch.randn(shape, generator=gen)
+    key_seed = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+    values = torch.randn(shape, generator=torch.Generator().manual_seed(key_seed))
     if "embedding" in key:
         return values * 0.02
-    fan_in = 1
-    for d in shape[1:]:
-        fan_in *= d
-    return values * (gain / max(fan_in, 1) ** 0.5)
+    return values * (gain / max(math.prod(shape[1:]), 1) ** 0.5)  # scaled by the fan-in
 
 
 def draw_state_dict(shapes: dict[str, tuple[int, ...]], seed: int, prefix: str = "", gain: float = 1.0,
@@ -190,20 +174,17 @@ def build_diffusers_folder(out: Path, variant: str, seed: int) -> None:
 def build_all(out: Path, seed: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
-    stamp = hashlib.sha256((Path(__file__).read_text() + str(seed)).encode()).hexdigest()[:16]
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("stamp") == stamp:
-            return manifest
+    stamp = hashlib.sha256((Path(__file__).read_text() + str(seed)).encode()).hexdigest()[:16]  # changes with this code
+    if manifest_path.exists() and (manifest := json.loads(manifest_path.read_text())).get("stamp") == stamp:
+        return manifest
     vae = draw_state_dict(vae_shapes(), seed, prefix="first_stage_model.")
     clip_l = draw_state_dict(clip_l_shapes(), seed, prefix="text_encoders.clip_l.")
     manifest: dict = {"stamp": stamp, "builder_version": BUILDER_VERSION, "seed": seed, "files": {}}
     for variant in VARIANTS:
-        dm = draw_state_dict(mmdit_shapes(variant), seed, gain=0.5)
-        names = [variant] + (["large_turbo"] if variant == "large" else [])
-        for name in names:
+        dm = draw_state_dict(_meta_shapes(build_mmdit(variant)), seed, gain=0.5)
+        full = {f"model.diffusion_model.{k}": v for k, v in dm.items()} | vae | clip_l
+        for name in [variant] + (["large_turbo"] if variant == "large" else []):
             meta = {"modelspec.title": f"tiny SD3.5 {name.replace('_', ' ')} (random weights, test fixture)"}
-            full = {f"model.diffusion_model.{k}": v for k, v in dm.items()} | vae | clip_l
             path = out / f"tiny_sd35_{name}.safetensors"
             _atomic_save(full, path, meta)
             manifest["files"][name] = {"all_in_one": path.name, "mmdit": mmdit_kwargs(variant)}
