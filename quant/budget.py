@@ -136,6 +136,13 @@ def measure_with(fp8_format: str, scaling: str, source: Callable[[str], torch.Te
     return measure
 
 
+def held_bytes(row, itemsize: int | None = None) -> int:
+    """A report row's bytes as the host holds them: FP8 and non-float tensors as stored, the others at `itemsize`
+    bytes per element (None: as stored)."""
+    wide = row.dtype_after.startswith("torch.float") and "float8" not in row.dtype_after
+    return math.prod(row.shape) * itemsize if wide and itemsize is not None else row.bytes_after
+
+
 def _is_preset_rule(rule: str) -> bool:
     return rule.startswith(("preset ", "generic rule"))
 
@@ -167,10 +174,8 @@ def fit_budget(plan, report, budget: int, source: Callable[[str], torch.Tensor],
             rows_out = row.shape[0] if plan.config.scaling == "per_channel" else 1
             candidates.append(Candidate(key, decision.layer, math.prod(row.shape) + 4 * rows_out, wide(row), None,
                                         True))
-        elif row.dtype_after.startswith("torch.float") and "float8" not in row.dtype_after:
-            fixed += wide(row)
         else:
-            fixed += row.bytes_after
+            fixed += held_bytes(row, itemsize)
     result = fit(candidates, fixed, budget, measure_with(plan.config.fp8_format, plan.config.scaling, source))
     changed = {}
     for c in candidates:

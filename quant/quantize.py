@@ -45,8 +45,10 @@ def _set(root: torch.nn.Module, name: str, new: torch.nn.Module | torch.Tensor) 
 
 
 def quantize(module: torch.nn.Module, config: QuantConfig | None = None, policy: ProtectionPolicy | None = None,
-             inplace: bool = False, hint: str = "") -> tuple[torch.nn.Module, Report]:
-    """FP8 copy of `module` (or `module` itself with inplace=True) and the report of what was done."""
+             inplace: bool = False, hint: str = "", budget_itemsize: int | None = None,
+             ) -> tuple[torch.nn.Module, Report]:
+    """FP8 copy of `module` (or `module` itself with inplace=True) and the report of what was done.
+    `budget_itemsize`: bytes per element a memory budget counts the 16-bit tensors at (None: as they are)."""
     config = config or QuantConfig()
     target = module if inplace else copy.deepcopy(module)
     plan = module_plan(target, config, policy, hint)
@@ -75,6 +77,7 @@ def quantize(module: torch.nn.Module, config: QuantConfig | None = None, policy:
         if key not in skip:
             store(key, plan[key])
     if config.memory_budget is not None:
-        for key, decision in fit_budget(plan, report, config.memory_budget, tensors.__getitem__).items():
+        for key, decision in fit_budget(plan, report, config.memory_budget, tensors.__getitem__,
+                                        budget_itemsize).items():
             store(key, decision)
     return target, plan.finish(report)

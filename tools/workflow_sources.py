@@ -91,6 +91,14 @@ def hardware_aware() -> dict:
     return graph
 
 
+def memory_budget() -> dict:
+    """Large on a 12 GB card: the weights fill 10.5 GiB (FP8 alone is 7.6 GB), 16-bit where it buys the most."""
+    graph = _txt2img(LARGE, "sd35_large", "sd35_fp8/memory_budget")
+    graph["loader"]["inputs"]["memory_budget"] = "10.5"
+    graph["loader"]["_meta"]["title"] = "Load SD3.5 Checkpoint (FP8, weights in 10.5 GiB)"
+    return graph
+
+
 WORKFLOWS = {
     "sd35_fp8_txt2img": partial(_txt2img, LARGE, "sd35_large", "sd35_fp8/txt2img"),
     "sd35_fp8_ab_compare": ab_fp16_vs_fp8,
@@ -100,4 +108,5 @@ WORKFLOWS = {
     "sd35_fp8_quantize_and_save": quantize_and_save,
     "sd35_fp8_lora": fp8_with_lora,
     "sd35_fp8_hardware_aware": hardware_aware,
+    "sd35_fp8_large_memory_budget": memory_budget,
 }

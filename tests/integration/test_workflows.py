@@ -24,8 +24,8 @@ def defs(comfy_nodes) -> dict:
     return node_definitions(nodes.NODE_CLASS_MAPPINGS)
 
 
-def test_seven_workflows_in_both_forms():
-    assert len(API) >= 7 and [p.name for p in API] == [p.name for p in UI]
+def test_eight_workflows_in_both_forms():
+    assert len(API) >= 8 and [p.name for p in API] == [p.name for p in UI]
 
 
 def test_files_match_their_source(defs):
