@@ -1,13 +1,16 @@
-"""Shared plumbing: repository paths, the ComfyUI host, machine facts, interleaved timing, memory readings."""
+"""Shared plumbing: repository paths, the ComfyUI host, machine facts, interleaved timing, child processes."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
+import json
 import os
 import platform
-import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,13 +44,9 @@ def boot_host(cpu: bool = True) -> Path:
 def machine() -> dict:
     """What the figures were measured on."""
     cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {
         "cpu": cpu, "cores": os.cpu_count(), "threads_used": THREADS, "ram_gib": round(mem / GIB, 1),
@@ -87,9 +86,13 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warm
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def run_child(module: str, *args: str | Path, **env: str) -> dict:
+    """`python -m module args` in a fresh interpreter at the repository root, `env` added; its last line's JSON."""
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO), **env))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(map(str, args))} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def rel_err(reference: torch.Tensor, approx: torch.Tensor) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import ge, le
 
 
 def _get(results: dict, path: str):
@@ -24,8 +25,6 @@ def _ratio(a, b):
 
 def evaluate(results: dict) -> dict[str, dict]:
     g = lambda path: _get(results, path)  # noqa: E731
-    le = lambda v, t: v <= t  # noqa: E731
-    ge = lambda v, t: v >= t  # noqa: E731
     return {
         "memory_large": _goal("ours/FP16 bytes, Large <= 0.51", g("memory.sd35_large.ratio"), 0.51, le),
         "memory_medium": _goal("ours/FP16 bytes, Medium <= 0.51", g("memory.sd35_medium.ratio"), 0.51, le),

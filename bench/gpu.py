@@ -2,19 +2,17 @@
 
 For a CUDA machine (the rest of bench/ is the CPU benchmark). Per variant, one denoiser forward of ComfyUI's own
 MMDiT class (random weights, 154 context tokens, timestep 750) at --pixels x --pixels is timed for three models:
-- bf16: the reference, every tensor bfloat16;
+- bf16: the reference, every tensor bfloat16 (on the CPU: fp32, float32; and fp8_matmul is skipped);
 - fp8_weight_only: quant.quantize with QuantConfig(compute="weight_only"): FP8 Linear weights, dequantized per layer;
 - fp8_matmul: QuantConfig(compute="fp8_matmul"): torch._scaled_mm on FP8 tensor cores; skipped, with
   quant.hardware's reason recorded, on a device without them.
 
-Memory plan: each model is built straight on the device (meta, then to_empty, then filled there by a seeded
-generator: matrices normal(0, 1/fan_in), norm scales one, biases zero, pos_embed normal(0, 0.02)); bench.weights
-draws on the host, too slow for 8B values. The FP8 models are the same weights rebuilt and quantized in place,
-layer by layer, so a bf16 model and its FP8 copy never sit in VRAM together (Large: 16 GB of bf16 at most). The
-models are measured one at a time, memory freed between them; peak VRAM is max_memory_allocated from just after
-the build (the model's weights plus the step's activations). Timing: 2 warm-up forwards, then the median of
---repeats forwards, each bracketed by torch.cuda.synchronize. rel_err: the output's relative error against the
-reference's (float64 math, bench.common.rel_err).
+Memory plan: each model is built straight on the device and filled there by a seeded generator (`build`);
+bench.weights draws on the host, too slow for 8B values. The FP8 models are the same weights rebuilt and quantized
+in place, layer by layer, so a bf16 model and its FP8 copy never sit in VRAM together (Large: 16 GB of bf16 at
+most). The models are measured one at a time, memory freed between them; peak VRAM is max_memory_allocated from
+just after the build (the model's weights plus the step's activations). Timing: 2 warm-up forwards, then the median
+of --repeats forwards, each bracketed by torch.cuda.synchronize.
 
 ComfyUI 0.3.75 is booted by bench.common.boot_host(), without --cpu on a GPU, so its attention picks the
 GPU path a real ComfyUI run would.
@@ -22,9 +20,6 @@ GPU path a real ComfyUI run would.
     python -m bench.gpu                                    # both variants, 1024x1024, 10 repeats, cuda
     python -m bench.gpu --variants sd35_large --depth 8    # fewer joint blocks, full width
     python -m bench.gpu --device cpu --depth 1 --pixels 256 --repeats 1 --out /tmp/gpu.json   # CPU smoke test
-
-On the CPU the reference computes in float32 (named fp32) and fp8_matmul is skipped. Prints a Markdown table and
-the device; writes --out (default bench/results/gpu.json).
 """
 
 from __future__ import annotations
@@ -68,49 +63,38 @@ def build(variant: str, depth: int | None, device: torch.device, dtype: torch.dt
     return model.eval()
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-
-
 def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def time_step(model: torch.nn.Module, inp: dict[str, torch.Tensor], repeats: int,
-              device: torch.device) -> tuple[float, torch.Tensor]:
-    """Median ms of `repeats` forwards after WARMUP ones, and the last output."""
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(WARMUP):
-        out = models.forward(model, inp)
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        out = models.forward(model, inp)
-        sync()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times), out
-
-
 def measure(name: str, variant: str, depth: int | None, inp: dict[str, torch.Tensor], repeats: int,
             device: torch.device, dtype: torch.dtype) -> tuple[dict, torch.Tensor]:
     """One model alone on the device: its row of the table and its output (float32, on the host)."""
+    cuda = device.type == "cuda"
     free_memory(device)
     model = build(variant, depth, device, dtype)
     if name in FP8_COMPUTE:
         config = QuantConfig(protect_preset=variant, compute=FP8_COMPUTE[name])
         model = quantize(model, config, inplace=True)[0]  # bf16 Linear weights freed layer by layer
     free_memory(device)
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    ms, out = time_step(model, inp, repeats, device)
-    peak = torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else None
-    row = {"ms_per_step": ms, "peak_vram_mib": peak, "weight_bytes": weight_bytes(model),
+    for _ in range(WARMUP):
+        out = models.forward(model, inp)
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        out = models.forward(model, inp)
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    row = {"ms_per_step": 1000 * statistics.median(times),
+           "peak_vram_mib": torch.cuda.max_memory_allocated(device) / MIB if cuda else None,
+           "weight_bytes": sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())),
            "finite": bool(torch.isfinite(out).all())}
     return row, out.float().cpu()
 

@@ -1,30 +1,23 @@
 """Section 3, streaming load: wall time and peak RSS to load a full-size Medium checkpoint, one process per load.
 
 A float16 transformer-only checkpoint (ComfyUI key layout, Gaussian weights) is written tensor by tensor to a
-temporary folder (full: depth 24, 4.9 GB; quick: depth 4, full width). Then, each in a fresh process
-(bench.load_child): our loader path (stream quantize + ComfyUI model build with our FP8 ops), the stream
-quantize alone, ComfyUI's own load of the FP16 file, and a plain safetensors read of our saved FP8 file
-and of the FP16 file. Peak RSS is reported net of the process's RSS before the load (interpreter, torch,
+temporary folder (full: depth 24, 4.9 GB; quick: depth 4, full width). Then each of bench.load_child's modes (our
+loader path, the stream quantize alone, ComfyUI's own FP16 load, a plain read of our saved FP8 file and of the FP16
+file) runs in a fresh process. Peak RSS is reported net of the process's RSS before the load (interpreter, torch,
 ComfyUI imports). Files are read warm from the page cache (both were just written).
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 import struct
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 from . import models
-from .common import REPO, log
+from .common import log, run_child
 from .weights import draw
-
-DTYPE_CODES = {torch.float16: "F16", torch.float32: "F32"}
 
 
 def write_checkpoint(path: Path, variant: str, depth: int) -> int:
@@ -37,29 +30,16 @@ def write_checkpoint(path: Path, variant: str, depth: int) -> int:
     header: dict = {"__metadata__": {"modelspec.title": f"bench {variant} depth {depth} (random weights)"}}
     offset = 0
     for key, shape in shapes.items():
-        n = 2
-        for d in shape:
-            n *= d
-        header[key] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
+        end = offset + 2 * math.prod(shape)
+        header[key] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        f.write(struct.pack("<Q", len(raw)) + raw)
         for key, shape in shapes.items():
             f.write(draw(key, shape, "gaussian").half().contiguous().numpy().tobytes())
     return path.stat().st_size
-
-
-def child(mode: str, *args: str) -> dict:
-    """Run one bench.load_child measurement in a fresh interpreter."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "bench.load_child", mode, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"load child {mode} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _net(r: dict) -> int:
@@ -70,24 +50,20 @@ def run(quick: bool, workdir: str | None = None) -> dict:
     variant = "sd35_medium"
     depth = 4 if quick else models.depth_of(variant)
     with tempfile.TemporaryDirectory(prefix="bench-load-", dir=workdir) as tmp:
-        fp16 = Path(tmp) / f"{variant}_fp16.safetensors"
-        fp8 = Path(tmp) / f"{variant}_fp8.safetensors"
+        fp16, fp8 = (Path(tmp) / f"{variant}_{kind}.safetensors" for kind in ("fp16", "fp8"))
         log(f"load: writing a {variant} depth-{depth} FP16 checkpoint")
         size = write_checkpoint(fp16, variant, depth)
         runs = {}
-        for mode, args in (("imports", ()), ("comfy_imports", ()), ("ours_model", (str(fp16),)),
-                           ("ours_stream", (str(fp16),)), ("comfy_fp16", (str(fp16),)),
-                           ("save_fp8", (str(fp16), str(fp8)))):
+        for mode, *args in (("imports",), ("comfy_imports",), ("ours_model", fp16), ("ours_stream", fp16),
+                            ("comfy_fp16", fp16), ("save_fp8", fp16, fp8)):
             log(f"load: {mode}")
-            runs[mode] = child(mode, *args)
+            runs[mode] = run_child("bench.load_child", mode, *args)
         fp8_size = fp8.stat().st_size
-        reads = {"read_fp8": [], "read_fp16": []}
-        for _ in range(2 if quick else 3):  # alternate, keep the fastest of each (both warm)
-            for name, file in (("read_fp8", fp8), ("read_fp16", fp16)):
-                reads[name].append(child("read", str(file)))
-        for name, results in reads.items():
-            runs[name] = min(results, key=lambda r: r["seconds"])
-    out = {
+        reads = {"read_fp8": fp8, "read_fp16": fp16}
+        tries = [{name: run_child("bench.load_child", "read", file) for name, file in reads.items()}
+                 for _ in range(2 if quick else 3)]  # alternating the files; the fastest of each is kept (both warm)
+        runs |= {name: min((t[name] for t in tries), key=lambda r: r["seconds"]) for name in reads}
+    return {
         "variant": variant, "depth": depth, "fp16_file_bytes": size, "fp8_file_bytes": fp8_size,
         "fp8_file_over_fp16_file": fp8_size / size,
         "peak_rss_over_fp16_file": _net(runs["ours_model"]) / size,
@@ -103,4 +79,3 @@ def run(quick: bool, workdir: str | None = None) -> dict:
         "model_bytes": {m: runs[m].get("bytes") for m in ("ours_model", "comfy_fp16")},
         "note": "peak RSS net of the process's RSS before the load; files read warm from the page cache",
     }
-    return out

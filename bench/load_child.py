@@ -8,22 +8,22 @@ Modes:
   imports       import torch, safetensors, quant (the baseline of the plain-read modes)
   comfy_imports boot the ComfyUI host and import its loaders and our ops (the baseline of the model builds)
   ours_stream   quant.streaming.quantize_safetensors_stream (default preset), nothing else
-  ours_model    the same, then ComfyUI's load_diffusion_model_state_dict with our FP8 ops and FP8 pos_embed hand-over
-                (the loader node's path)
+  ours_model    the same, then ComfyUI's load_diffusion_model_state_dict with our FP8 ops (the loader node's path)
   comfy_fp16    ComfyUI's own comfy.sd.load_diffusion_model of the FP16 file
   save_fp8      stream-quantize FILE and save it to OUT with quant.checkpoint.save_quantized (not measured)
-  read          safetensors.torch.load_file(FILE), each tensor then copied into process memory (load_file maps
-                the file lazily: without the copy nothing would be read)
+  read          safetensors.torch.load_file(FILE), each tensor then copied (load_file maps the file lazily)
 Model builds ask ComfyUI for float16 weights (model_options dtype), as on a GPU: with --cpu it would
 otherwise upcast every 16-bit weight to float32.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import threading
 import time
+import types
 
 MODES = ("imports", "comfy_imports", "ours_stream", "ours_model", "comfy_fp16", "save_fp8", "read")
 
@@ -59,21 +59,17 @@ class AnonPeak:
         self.peak = max(self.peak, _status_kib("RssAnon") * 1024)
 
 
-def _model_bytes(patcher) -> int:
-    return sum(t.numel() * t.element_size() for t in patcher.model.diffusion_model.state_dict().values())
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _pack_nodes():
     """nodes.fp8_ops and nodes.fp8_tables imported as part of the pack (they use package-relative imports)."""
-    import importlib
-    import types
-
     from bench.common import REPO
 
-    if "sd35_fp8_bench" not in sys.modules:
-        package = types.ModuleType("sd35_fp8_bench")
-        package.__path__ = [str(REPO)]
-        sys.modules["sd35_fp8_bench"] = package
+    package = types.ModuleType("sd35_fp8_bench")
+    package.__path__ = [str(REPO)]
+    sys.modules["sd35_fp8_bench"] = package
     importlib.import_module("sd35_fp8_bench.nodes.fp8_ops")
     importlib.import_module("sd35_fp8_bench.nodes.fp8_tables")
     return sys.modules["sd35_fp8_bench.nodes"]
@@ -104,32 +100,27 @@ def main(argv: list[str]) -> dict:
     anon_before = _status_kib("RssAnon") * 1024
     start = time.perf_counter()
     with AnonPeak() as anon:
+        if mode in ("ours_stream", "ours_model", "save_fp8"):
+            sd, formats, _ = quantize_safetensors_stream(path, QuantConfig())
         if mode == "ours_stream":
-            sd, _, _ = quantize_safetensors_stream(path, QuantConfig())
-            result["bytes"] = sum(t.numel() * t.element_size() for t in sd.values())
+            result["bytes"] = _nbytes(sd.values())
         elif mode == "ours_model":
-            sd, _, _ = quantize_safetensors_stream(path, QuantConfig())
             with pack.fp8_tables.fp8_tables_in_place(sd, ""):  # as the loader node does: pos_embed stays FP8
                 model = comfy.sd.load_diffusion_model_state_dict(
                     sd, model_options={"custom_operations": ops, "dtype": torch.float16})
             del sd
-            result["bytes"] = _model_bytes(model)
+            result["bytes"] = _nbytes(model.model.diffusion_model.state_dict().values())
         elif mode == "comfy_fp16":
             model = comfy.sd.load_diffusion_model(path, model_options={"dtype": torch.float16})
-            result["bytes"] = _model_bytes(model)
+            result["bytes"] = _nbytes(model.model.diffusion_model.state_dict().values())
         elif mode == "save_fp8":
-            sd, formats, _ = quantize_safetensors_stream(path, QuantConfig())
             save_quantized(argv[2], sd, formats, overwrite=True)
         elif mode == "read":
             sd = load_file(path)
             sd = {k: sd[k].clone() for k in list(sd)}
-            result["bytes"] = sum(t.numel() * t.element_size() for t in sd.values())
-    result["seconds"] = time.perf_counter() - start
-    result["rss_before"] = rss_before
-    result["anon_before"] = anon_before
-    result["peak_rss"] = _status_kib("VmHWM") * 1024
-    result["peak_anon"] = anon.peak
-    return result
+            result["bytes"] = _nbytes(sd.values())
+    return result | {"seconds": time.perf_counter() - start, "rss_before": rss_before, "anon_before": anon_before,
+                     "peak_rss": _status_kib("VmHWM") * 1024, "peak_anon": anon.peak}
 
 
 if __name__ == "__main__":

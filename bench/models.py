@@ -1,13 +1,7 @@
 """The denoisers compared: ComfyUI's own MMDiT class at full width, and its FP8 variants.
 
-- `reference`: float32 compute on float16-representable random weights (the "FP16" model on a CPU).
-- `ours`: quant.quantize (native backend) on the Linear layers the policy selects.
-- `quanto`: optimum-quanto qfloat8 weights (quantize + freeze) with the same protection policy.
-- `comfy_cast`: ComfyUI's `fp8_e4m3fn` weight dtype: the model built with dtype float8_e4m3fn and
-  `comfy.ops.manual_cast` operations, exactly as its loader does (every weight, bias, norm and the
-  pos_embed buffer cast to FP8 without a scale; cast back to the compute dtype in forward).
-The FP8 variants share every tensor they do not replace with the reference, so several can be held
-side by side at the cost of their FP8 weights only.
+The FP8 variants share every tensor they do not replace with the reference, so several can be held side by side at
+the cost of their FP8 weights only.
 """
 
 from __future__ import annotations
@@ -17,9 +11,8 @@ import copy
 import torch
 
 from quant.config import QuantConfig
-from quant.policy import resolve_policy
-from quant.quantize import quantize, quantize_tables
-from quant.report import Report
+from quant.quantize import quantize
+from tools import tiny_sd35
 
 from .weights import fill_
 
@@ -29,31 +22,20 @@ POOLED_DIM = 2048
 LATENT_CHANNELS = 16
 
 
-def _tiny_sd35():
-    from tools import tiny_sd35
-
-    return tiny_sd35
-
-
 def depth_of(variant: str) -> int:
     """Number of joint blocks of the full-size architecture."""
-    return _tiny_sd35().FULL_SIZE[variant]["depth"]
+    return tiny_sd35.FULL_SIZE[variant]["depth"]
 
 
-def meta_model(variant: str, depth: int | None = None, dtype: torch.dtype = torch.float16,
-               operations=None) -> torch.nn.Module:
+def meta_model(variant: str, depth: int | None = None, dtype: torch.dtype = torch.float16) -> torch.nn.Module:
     """The architecture on the meta device (shapes only, no memory)."""
-    tiny = _tiny_sd35()
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
-
-    return MMDiT(**tiny.mmdit_kwargs(variant, depth), device="meta", dtype=dtype,
-                 operations=operations or comfy.ops.disable_weight_init)
+    return tiny_sd35.build_mmdit(variant, device="meta", dtype=dtype, depth=depth)
 
 
-def reference(variant: str, depth: int, kind: str, seed: int = 0) -> torch.nn.Module:
-    """Full-width MMDiT with `depth` blocks, float32, weights drawn as `kind` (see bench.weights)."""
-    model = _tiny_sd35().build_mmdit(variant, device="cpu", dtype=torch.float32, depth=depth)
+def reference(variant: str, depth: int | None, kind: str, seed: int = 0) -> torch.nn.Module:
+    """The variant's MMDiT with `depth` blocks (None: all), float32 compute on float16-representable weights drawn
+    as `kind` (see bench.weights): the "FP16" model on a CPU."""
+    model = tiny_sd35.build_mmdit(variant, device="cpu", dtype=torch.float32, depth=depth)
     return fill_(model, kind, seed).eval()
 
 
@@ -64,39 +46,25 @@ def sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def ours(model: torch.nn.Module, config: QuantConfig | None = None, policy=None) -> torch.nn.Module:
+    """quant.quantize (weight_only unless `config` says otherwise) on the Linear layers the policy selects."""
     config = config or QuantConfig(compute="weight_only")
     return quantize(sharing_copy(model), config, policy=policy, inplace=True)[0].eval()
 
 
 def quanto(model: torch.nn.Module) -> torch.nn.Module:
     """optimum-quanto qfloat8 (quantize + freeze) on exactly the Linear layers our default policy quantizes, and
-    pos_embed in FP8 (scale 1.0) as ours: the same protection policy, so the comparison is of the FP8 math.
-
-    Called directly rather than through quant's quanto backend: that backend excludes protected Linear layers
-    only, so quanto also converts the x_embedder Conv2d, which would not be the same protection policy.
-    """
-    from optimum.quanto import freeze, qfloat8_e4m3fn
-    from optimum.quanto import quantize as quanto_quantize
-
-    target = sharing_copy(model)
-    policy = resolve_policy(QuantConfig(), {k: tuple(v.shape) for k, v in model.state_dict().items()})
-    chosen = {n for n, m in target.named_modules()
-              if isinstance(m, torch.nn.Linear) and policy.should_quantize(n, tuple(m.weight.shape))}
-    exclude = [n for n, m in target.named_modules() if n and n not in chosen and not list(m.children())]
-    quanto_quantize(target, weights=qfloat8_e4m3fn, exclude=exclude)
-    freeze(target)
-    quantize_tables(target, policy, "float8_e4m3fn", Report())
-    return target.eval()
+    pos_embed in FP8 (scale 1.0) as ours: the same plan, so the comparison is of the FP8 math."""
+    return ours(model, QuantConfig(backend="quanto", compute="weight_only"))
 
 
 def comfy_cast(model: torch.nn.Module, variant: str, depth: int) -> torch.nn.Module:
-    """ComfyUI's fp8_e4m3fn weight dtype with manual cast, holding `model`'s values cast to FP8."""
+    """ComfyUI's `fp8_e4m3fn` weight dtype built as its loader does, holding `model`'s values: every weight, bias,
+    norm and the pos_embed buffer cast to FP8 without a scale, cast back to the compute dtype in forward."""
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
-    cast = MMDiT(**_tiny_sd35().mmdit_kwargs(variant, depth), device="meta", dtype=torch.float8_e4m3fn,
-                 operations=comfy.ops.manual_cast)
-    cast = cast.to_empty(device="cpu")
+    cast = MMDiT(**tiny_sd35.mmdit_kwargs(variant, depth), device="meta", dtype=torch.float8_e4m3fn,
+                 operations=comfy.ops.manual_cast).to_empty(device="cpu")
     cast.load_state_dict(model.state_dict())
     return cast.eval()
 

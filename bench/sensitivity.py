@@ -14,7 +14,6 @@ import fnmatch
 
 import torch
 
-from quant.config import QuantConfig
 from quant.formats import dequantize_weight, quantize_weight
 from quant.policy import ProtectionPolicy
 
@@ -35,10 +34,6 @@ GROUPS: dict[str, tuple[str, ...]] = {
 EMULATED = {"pos_embed": "pos_embed", "x_embedder": "x_embedder.proj.weight"}
 
 
-def _linear_names(model: torch.nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-
-
 def _members(names: list[str], globs: tuple[str, ...], depth: int) -> list[str]:
     """Layer names matching the group's globs in a model of `depth` blocks."""
     filled = [g.format(mid=depth // 2, last=depth - 1) for g in globs]
@@ -50,9 +45,7 @@ def _roundtrip(t: torch.Tensor) -> torch.Tensor:
     other non-Linear tensors (the x_embedder Conv2d): a per-output-channel e4m3 round trip."""
     if t.dim() == 3:  # pos_embed [1, patches, hidden]
         return t.to(torch.float8_e4m3fn)
-    m = t.reshape(t.shape[0], -1)
-    q, s = quantize_weight(m)
-    return dequantize_weight(q, s).reshape(t.shape)
+    return dequantize_weight(*quantize_weight(t.reshape(t.shape[0], -1))).reshape(t.shape)
 
 
 def _share(full_shapes: dict[str, tuple[int, ...]], keys: list[str]) -> float:
@@ -61,23 +54,24 @@ def _share(full_shapes: dict[str, tuple[int, ...]], keys: list[str]) -> float:
 
 
 def _one_kind(kind: str, depth: int, pixels: int, full_shapes: dict, full_depth: int) -> dict:
+    log(f"sensitivity: {kind} weights, depth {depth}, {pixels}px")
     ref = models.reference("sd35_medium", depth, kind)
     inp = models.inputs(pixels, seed=3, batch=4)
     reference = models.forward(ref, inp)
-    names = _linear_names(ref)
+    names = [n for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear)]
     full_names = [k[: -len(".weight")] for k, s in full_shapes.items() if k.endswith(".weight") and len(s) == 2]
     rows = {}
     for group, globs in GROUPS.items():
         chosen = set(_members(names, globs, depth))
         policy = ProtectionPolicy(f"only {group}", frozenset(set(names) - chosen))
-        out = models.forward(models.ours(ref, QuantConfig(compute="weight_only"), policy=policy), inp)
+        out = models.forward(models.ours(ref, policy=policy), inp)
         full_members = _members(full_names, globs, full_depth)
         rows[group] = {"layers": len(chosen), "rel_err": rel_err(reference, out),
                        "share_of_model": _share(full_shapes, [f"{n}.weight" for n in full_members])}
     for group, key in EMULATED.items():
         copy = models.sharing_copy(ref)
         owner, _, attr = key.rpartition(".")
-        target = copy.get_submodule(owner) if owner else copy
+        target = copy.get_submodule(owner)  # "" is the model itself
         value = _roundtrip(getattr(target, attr).detach())
         if isinstance(getattr(target, attr), torch.nn.Parameter):
             value = torch.nn.Parameter(value, requires_grad=False)
@@ -97,7 +91,5 @@ def run(quick: bool) -> dict:
     full_shapes = {k: tuple(v.shape) for k, v in models.meta_model("sd35_medium").state_dict().items()}
     full_depth = models.depth_of("sd35_medium")
     out = {"variant": "sd35_medium", "depth": depth, "pixels": pixels, "share_basis": "full-size Medium, 16-bit bytes"}
-    for kind in (("student_t",) if quick else ("student_t", "gaussian")):
-        log(f"sensitivity: {kind} weights, depth {depth}, {pixels}px")
-        out[kind] = _one_kind(kind, depth, pixels, full_shapes, full_depth)
-    return out
+    return out | {kind: _one_kind(kind, depth, pixels, full_shapes, full_depth)
+                  for kind in (("student_t",) if quick else ("student_t", "gaussian"))}

@@ -35,10 +35,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-CACHE = REPO / ".cache"
+import psutil
+
+from tools import comfy_host
+
+from .common import CACHE, REPO, machine, now
+
 PROBE_ROUTE = "/sd35_fp8_soak/probe"
-PROBE_SOURCE = f'''"""Soak probe (written by bench/soak.py into a temporary base folder): live tensors and RSS."""
+PROBE_SOURCE = f'''"""Soak probe (written by bench/soak.py into a temporary base folder): live tensors."""
 import gc
 
 import torch
@@ -59,34 +63,14 @@ async def probe(request):
             storages[(storage.device.type, storage.data_ptr())] = storage.nbytes()
         except Exception:
             continue
-    rss = 0
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) * 1024
-    return web.json_response({{"tensors": len(tensors), "tensor_bytes": sum(storages.values()), "rss": rss}})
+    return web.json_response({{"tensors": len(tensors), "tensor_bytes": sum(storages.values())}})
 '''
-
-
-def _tools():
-    from tools import comfy_host
-
-    return comfy_host
-
-
-def fixtures(comfy_dir: Path) -> tuple[Path, Path]:
-    """(all-in-one checkpoint, transformer file) of the tiny SD3.5 Large, built if missing."""
-    out = CACHE / "fixtures"
-    subprocess.run([sys.executable, str(REPO / "tools" / "tiny_sd35.py"), "--comfy", str(comfy_dir), "--out", str(out)],
-                   check=True, stdout=subprocess.DEVNULL)
-    return out / "tiny_sd35_large.safetensors", out / "tiny_sd35_large_transformer.safetensors"
 
 
 def soak_prompt(index: int, ckpt_name: str, transformer_name: str, steps: int = 2) -> dict:
     """One quantize + sample prompt; `index` makes ComfyUI run the FP8 nodes again (a comment line)."""
-    note = f"# soak prompt {index}"
     quant = {"fp8_format": "float8_e4m3fn", "scaling": "per_channel", "protect_preset": "auto", "compute": "auto",
-             "protect_patterns": note}
+             "protect_patterns": f"# soak prompt {index}"}
 
     def sampler(model: list) -> dict:
         return {"class_type": "SD35FP8Sampler", "inputs": {
@@ -138,12 +122,12 @@ def run(n_prompts: int = 50, warmup: int = 5, comfy_dir: str | Path | None = Non
         checkpoint: str | Path | None = None, transformer: str | Path | None = None,
         extra_args: tuple[str, ...] = (), log=None) -> dict:
     """Soak one server with `n_prompts` quantize + sample prompts; returns the per-prompt series and ratios."""
-    import psutil
-
-    comfy_host = _tools()
     comfy_dir = Path(comfy_dir) if comfy_dir else comfy_host.materialise(CACHE)
-    if checkpoint is None or transformer is None:
-        checkpoint, transformer = fixtures(comfy_dir)
+    if checkpoint is None or transformer is None:  # the tiny SD3.5 Large fixtures, built if missing
+        out = CACHE / "fixtures"
+        subprocess.run([sys.executable, "-m", "tools.tiny_sd35", "--comfy", str(comfy_dir), "--out", str(out)],
+                       check=True, stdout=subprocess.DEVNULL, cwd=REPO)
+        checkpoint, transformer = out / "tiny_sd35_large.safetensors", out / "tiny_sd35_large_transformer.safetensors"
     warmup = max(1, min(warmup, n_prompts - 1))
     with tempfile.TemporaryDirectory(prefix="sd35_fp8_soak_") as tmp:
         base = comfy_host.make_base_dir(Path(tmp) / "base", REPO)
@@ -171,18 +155,13 @@ def run(n_prompts: int = 50, warmup: int = 5, comfy_dir: str | Path | None = Non
             server.stop()
     base_index = warmup - 1
     return {
-        "n_prompts": n_prompts,
-        "warmup": warmup,
-        "rss_growth_ratio": round(rss[-1] / rss[base_index], 4),
-        "rss_mb": [round(r / 2**20, 1) for r in rss],
-        "live_tensors": tensors,
-        "tensor_mb": [round(b / 2**20, 3) for b in tensor_bytes],
-        "tensor_growth": tensors[-1] - tensors[base_index],
+        "n_prompts": n_prompts, "warmup": warmup, "rss_growth_ratio": round(rss[-1] / rss[base_index], 4),
+        "rss_mb": [round(r / 2**20, 1) for r in rss], "live_tensors": tensors,
+        "tensor_mb": [round(b / 2**20, 3) for b in tensor_bytes], "tensor_growth": tensors[-1] - tensors[base_index],
         "tensor_max_growth": max(tensors[base_index:]) - tensors[base_index],
         "tensor_mb_growth": round((tensor_bytes[-1] - tensor_bytes[base_index]) / 2**20, 3),
         "seconds_per_prompt_median": round(statistics.median(seconds), 3),
-        "failed": sum(s != "success" for s in statuses),
-        "errors": sorted({s for s in statuses if s != "success"}),
+        "failed": sum(s != "success" for s in statuses), "errors": sorted({s for s in statuses if s != "success"}),
         "server_alive_at_end": alive,
     }
 
@@ -206,8 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"live tensors {result['live_tensors'][result['warmup'] - 1]} -> {result['live_tensors'][-1]} "
           f"(growth {result['tensor_growth']}, {result['tensor_mb_growth']} MB); failed prompts: {result['failed']}")
     if args.json:
-        from bench.common import machine, now
-
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"soak": {**result, "machine": machine(), "date": now()}}, indent=1))
         print(f"wrote {args.json}")

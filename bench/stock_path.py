@@ -13,50 +13,46 @@ Or, where the layer's entry says `full_precision_matrix_mult`, it dequantizes th
 - ours_weight_only / ours_fp8_matmul: our loaders' FP8 layers (per-channel e4m3), the second with per-token
   dynamic activation scales through torch._scaled_mm (run on the CPU here through its test-only switch).
 
-Error: ||out - ref|| / ||ref|| of one denoiser forward against the 16-bit model computed in float32, over 4
-samples at timesteps 900..100. Models: the tiny test architecture (SD3.5 Large shapes, depth 2, hidden 128) and
-SD3.5 Medium at full width and reduced depth, student_t weights (bench.weights). `scaled_mm_calls` counts the
-FP8 matmuls stock ComfyUI ran, so a silent fallback would show.
+Error: relative, of one denoiser forward against the 16-bit model computed in float32, on the tiny test architecture
+(SD3.5 Large shapes, depth 2, hidden 128) and on Medium at full width and reduced depth. `scaled_mm_calls` counts
+the FP8 matmuls stock ComfyUI ran, so a silent fallback would show.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import os
-import subprocess
 import sys
 
 import torch
 
-from .common import REPO, log, rel_err
+from quant import linear
+from quant.checkpoint import LAYER_MARKING, QUANT_METADATA_KEY
+from quant.config import QuantConfig
+from quant.streaming import quantize_state_dict
+from tools import tiny_sd35
 
-MODELS = {"tiny": ("large", None), "sd35_medium": ("sd35_medium", None)}
+from . import models
+from .common import boot_host, log, rel_err, run_child, setup_torch
+
 CALIBRATION_TIMESTEPS = (1000.0, 750.0, 500.0, 250.0)
-VARIANTS = ("stock_no_input_scale", "stock_calibrated", "stock_full_precision", "ours_weight_only",
-            "ours_fp8_matmul")
 
 
 def run(quick: bool) -> dict:
     """Measure in a child process on ComfyUI 0.8.0 in FP8-device mode; returns its figures."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), COMFY_HOST="0.8.0", COMFY_FP8_DEVICE="1")
-    proc = subprocess.run([sys.executable, "-m", "bench.stock_path", "--child", *(["--quick"] if quick else [])],
-                          cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench.stock_path child failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child("bench.stock_path", "--child", *(["--quick"] if quick else []), COMFY_HOST="0.8.0",
+                     COMFY_FP8_DEVICE="1")
 
 
 def _calibrate(model: torch.nn.Module, inp: dict) -> dict[str, float]:
     """max |input| of every Linear over a few sampling steps of the 16-bit model."""
-    from . import models
-
     seen: dict[str, float] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            def record(mod, args, name=name):
-                seen[name] = max(seen.get(name, 0.0), float(args[0].detach().abs().max()))
-            hooks.append(module.register_forward_pre_hook(record))
+
+    def record(name: str, module: torch.nn.Module, args: tuple) -> None:
+        seen[name] = max(seen.get(name, 0.0), float(args[0].detach().abs().max()))
+
+    hooks = [m.register_forward_pre_hook(functools.partial(record, n))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     for t in CALIBRATION_TIMESTEPS:
         models.forward(model, inp, t=torch.full((inp["x"].shape[0],), t))
     for hook in hooks:
@@ -76,37 +72,21 @@ def _stock_model(sd16: dict, variant: str, depth: int | None, full_precision: bo
     import comfy.utils
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
-    from quant.checkpoint import LAYER_MARKING, QUANT_METADATA_KEY
-    from quant.config import QuantConfig
-    from quant.streaming import quantize_state_dict
-
     sd, formats, _ = quantize_state_dict(dict(sd16), QuantConfig(scaling="per_tensor"))
-    marking = LAYER_MARKING if full_precision else {}
-    layers = {name: {"format": fmt, **marking} for name, fmt in formats.items()}
+    layers = {name: {"format": fmt, **(LAYER_MARKING if full_precision else {})} for name, fmt in formats.items()}
     for name in formats if input_absmax else ():
         sd[f"{name}.input_scale"] = torch.tensor(max(input_absmax[name], 1e-12) / 448.0)
     metadata = {QUANT_METADATA_KEY: json.dumps({"format_version": "1.0", "layers": layers})}
     sd, _ = comfy.utils.convert_old_quants(sd, "", metadata=metadata)
     config = types.SimpleNamespace(quant_config=comfy.utils.detect_layer_quantization(sd, ""))
     ops = comfy.ops.pick_operations(None, torch.float32, model_config=config)
-    model = MMDiT(**_tiny().mmdit_kwargs(variant, depth), operations=ops, device="cpu", dtype=torch.float32)
+    model = MMDiT(**tiny_sd35.mmdit_kwargs(variant, depth), operations=ops, device="cpu", dtype=torch.float32)
     model.load_state_dict(sd, strict=False)
     return model.eval()
 
 
-def _tiny():
-    from tools import tiny_sd35
-
-    return tiny_sd35
-
-
 def _ours(reference: torch.nn.Module, fp8_matmul: bool) -> torch.nn.Module:
-    from quant import linear
-    from quant.config import QuantConfig
-
-    from . import models
-
-    model = models.ours(reference, QuantConfig(compute="weight_only"))
+    model = models.ours(reference)  # weight_only
     if fp8_matmul:
         linear.RUN_SCALED_MM_ON_CPU = True
         for module in model.modules():
@@ -118,15 +98,8 @@ def _ours(reference: torch.nn.Module, fp8_matmul: bool) -> torch.nn.Module:
 def _measure(variant: str, depth: int | None, pixels: int) -> dict:
     import comfy_kitchen.tensor.fp8 as ck_fp8
 
-    from . import models
-
     log(f"stock_path: {variant} depth {depth or 'tiny'}, {pixels}px")
-    if depth is None:  # the tiny test architecture
-        from .weights import fill_
-
-        reference = fill_(_tiny().build_mmdit(variant, device="cpu", dtype=torch.float32), "student_t", 0).eval()
-    else:
-        reference = models.reference(variant, depth, "student_t")
+    reference = models.reference(variant, depth, "student_t")  # depth None: the tiny test architecture
     inp, calib_inp = models.inputs(pixels, batch=4), models.inputs(pixels, seed=1, batch=2)
     ref_out = models.forward(reference, inp)
     absmax = _calibrate(reference, calib_inp)
@@ -140,42 +113,30 @@ def _measure(variant: str, depth: int | None, pixels: int) -> dict:
 
     ck_fp8._fp8_scaled_mm = counted
     out: dict = {"depth": depth, "pixels": pixels, "max_input_absmax": max(absmax.values())}
-    builders = {
-        "stock_no_input_scale": lambda: _stock_model(sd16, variant, depth, False, None),
-        "stock_calibrated": lambda: _stock_model(sd16, variant, depth, False, absmax),
-        "stock_full_precision": lambda: _stock_model(sd16, variant, depth, True, None),
-        "ours_weight_only": lambda: _ours(reference, False),
-        "ours_fp8_matmul": lambda: _ours(reference, True),
-    }
-    for name, build in builders.items():
+    builders = {"stock_no_input_scale": lambda: _stock_model(sd16, variant, depth, False, None),
+                "stock_calibrated": lambda: _stock_model(sd16, variant, depth, False, absmax),
+                "stock_full_precision": lambda: _stock_model(sd16, variant, depth, True, None),
+                "ours_weight_only": lambda: _ours(reference, False),
+                "ours_fp8_matmul": lambda: _ours(reference, True)}
+    for name, build in builders.items():  # one model at a time: each is freed once its forward returns
         calls["n"] = 0
-        model = build()
-        out[name] = {"rel_err": rel_err(ref_out, models.forward(model, inp).float()), "scaled_mm_calls": calls["n"]}
-        del model
+        out[name] = {"rel_err": rel_err(ref_out, models.forward(build(), inp).float()), "scaled_mm_calls": calls["n"]}
     ck_fp8._fp8_scaled_mm = real
     return out
 
 
 def child(quick: bool) -> dict:
-    from .common import boot_host, setup_torch
-
     setup_torch()
     boot_host()
     import comfy.model_management
-
-    assert comfy.model_management.supports_fp8_compute(), "the child must run in FP8-device mode"
     import comfyui_version
 
+    assert comfy.model_management.supports_fp8_compute(), "the child must run in FP8-device mode"
     depth, pixels = (1, 128) if quick else (4, 512)
     return {"host": f"ComfyUI {comfyui_version.__version__} --supports-fp8-compute", "weights": "student_t",
             "tiny": _measure("large", None, 128), "sd35_medium": _measure("sd35_medium", depth, pixels)}
 
 
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--child", action="store_true")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    print(json.dumps(child(args.quick) if args.child else run(args.quick)))
+if __name__ == "__main__":  # `--child [--quick]`: what run() starts; without --child, run() itself
+    quick = "--quick" in sys.argv[1:]
+    print(json.dumps(child(quick) if "--child" in sys.argv[1:] else run(quick)))

@@ -9,9 +9,10 @@ from pathlib import Path
 from .common import GIB, RESULTS
 
 
-def _t(header: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+def _table(title: str, header: list[str], rows: list[list]) -> list[str]:
+    """A title line, a blank line and a Markdown table."""
+    return [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
 
 
 def _gb(n) -> str:
@@ -23,20 +24,18 @@ def _f(x, fmt: str = ".3f") -> str:
 
 
 def memory(m: dict) -> list[str]:
-    rows = []
-    for variant, r in m.items():
-        b = r["bytes"]
-        rows.append([f"{variant} (depth {r['depth']})", f"{r['params'] / 1e9:.2f} B", _gb(b["fp16"]), _gb(b["ours"]),
-                     _gb(b["comfy_cast"]), _gb(b["quanto"]), _f(r["ratio"]), _f(r["ratio_if_pos_embed_16bit"]),
-                     f"{r['pos_embed']['share_of_fp16']:.1%}"])
+    rows = [[f"{variant} (depth {r['depth']})", f"{r['params'] / 1e9:.2f} B",
+             *(_gb(r["bytes"][k]) for k in ("fp16", "ours", "comfy_cast", "quanto")),
+             _f(r["ratio"]), _f(r["ratio_if_pos_embed_16bit"]), f"{r['pos_embed']['share_of_fp16']:.1%}"]
+            for variant, r in m.items()]
     checked = all(r.get("check", {}).get("verified", True) for r in m.values())
     pos = [f"{v}: {', '.join(f'{k} {e:.4f}' for k, e in r['pos_embed']['fp8_rel_err'].items())}"
            for v, r in m.items()]
-    note = ["", "pos_embed (sin-cos table) FP8 relative error, scale 1.0 (stored) vs absmax scales: " + "; ".join(pos)]
-    return [f"### 1. Memory (bytes from the architecture; per-tensor rules checked on real depth-2 models: "
-            f"{'agree' if checked else 'DISAGREE'})", ""] + _t(
-        ["model", "params", "FP16", "ours (auto preset)", "ComfyUI fp8 cast", "quanto qfloat8", "ours/FP16",
-         "ours/FP16 with pos_embed 16-bit", "pos_embed share"], rows) + note
+    return _table(f"### 1. Memory (bytes from the architecture; per-tensor rules checked on real depth-2 models: "
+                  f"{'agree' if checked else 'DISAGREE'})",
+                  ["model", "params", "FP16", "ours (auto preset)", "ComfyUI fp8 cast", "quanto qfloat8", "ours/FP16",
+                   "ours/FP16 with pos_embed 16-bit", "pos_embed share"], rows) + [
+        "", "pos_embed (sin-cos table) FP8 relative error, scale 1.0 (stored) vs absmax scales: " + "; ".join(pos)]
 
 
 def quantize(q: dict) -> list[str]:
@@ -44,8 +43,8 @@ def quantize(q: dict) -> list[str]:
              "quanto": "optimum-quanto quantize+freeze", "cast": "plain .to(float8_e4m3fn)"}
     rows = [[label, _f(q[f"{k}_mparams_s"], ".0f"), _f(q[f"{k}_mparams_s"] / q["cast_mparams_s"], ".2f")]
             for k, label in names.items()]
-    return [f"### 2. Quantize throughput ({q['params'] / 1e6:.0f}M params: the Linear layers of block 0 of Large "
-            f"and of Medium, float16 in)", ""] + _t(["method", "Mparams/s", "x cast"], rows)
+    return _table(f"### 2. Quantize throughput ({q['params'] / 1e6:.0f}M params: the Linear layers of block 0 of "
+                  "Large and of Medium, float16 in)", ["method", "Mparams/s", "x cast"], rows)
 
 
 def load(r: dict) -> list[str]:
@@ -55,68 +54,46 @@ def load(r: dict) -> list[str]:
               "read_fp16": "read the FP16 file"}
     rows = [[label, _f(r["seconds"][k], ".2f"), _gb(r["net_peak_rss"][k]), _f(r["net_peak_rss"][k] / size, ".2f")]
             for k, label in labels.items()]
-    return [f"### 3. Load (Medium depth {r['depth']}, FP16 file {_gb(size)}, FP8 file {_gb(r['fp8_file_bytes'])}; "
-            "peak RSS net of imports)", ""] + _t(["path", "seconds", "peak RSS", "x FP16 file"], rows)
+    return _table(f"### 3. Load (Medium depth {r['depth']}, FP16 file {_gb(size)}, FP8 file "
+                  f"{_gb(r['fp8_file_bytes'])}; peak RSS net of imports)",
+                  ["path", "seconds", "peak RSS", "x FP16 file"], rows)
 
 
 def step(s: dict) -> list[str]:
-    def block(r: dict) -> list[list]:
+    header = ["variant", "s / forward", "x fp32", "output rel. err"]
+
+    def rows(r: dict) -> list[list]:
         return [[name, _f(sec, ".2f"), _f(sec / r["seconds"]["fp32"], ".2f"), _f(r["rel_err"].get(name), ".4f")]
                 for name, sec in r["seconds"].items()]
 
-    rows = block(s)
-    lines = [f"### 4. CPU step ({s['variant']} depth {s['depth']}, full width, {s['pixels']}px: {s['image_tokens']} "
-             f"image + {s['context_tokens']} text tokens, 2 threads)", ""]
-    lines += _t(["variant", "s / forward", "x fp32", "output rel. err"], rows)
+    lines = _table(f"### 4. CPU step ({s['variant']} depth {s['depth']}, full width, {s['pixels']}px: "
+                   f"{s['image_tokens']} image + {s['context_tokens']} text tokens, 2 threads)", header, rows(s))
     if "at_1024px_depth2" in s:
-        lines += ["", "At 1024px (depth 2):", ""] + _t(["variant", "s / forward", "x fp32", "output rel. err"],
-                                                      block(s["at_1024px_depth2"]))
+        lines += [""] + _table("At 1024px (depth 2):", header, rows(s["at_1024px_depth2"]))
     return lines
 
 
 def fidelity(f: dict) -> list[str]:
-    by = f["by_weights"]
+    by, smp = f["by_weights"], f["sampling"]
     rows = [[name, _f(by["student_t"][name], ".4f"), _f(by["gaussian"][name], ".4f")] for name in by["student_t"]]
-    smp = f["sampling"]
     srows = [[name, _f(v["latent_ssim"], ".4f"), _f(v["latent_psnr_db"], ".2f"), _f(v["latent_rel_err"], ".4f")]
              for name, v in smp.items() if isinstance(v, dict)]
-    return ([f"### 5. Fidelity vs fp32 (Medium depth {f['depth']}, full width, {f['pixels']}px, 4 timesteps)", ""]
-            + _t(["method", "rel. err (student_t)", "rel. err (gaussian)"], rows)
-            + ["", f"{smp['steps']}-step Euler sampling (depth {smp['depth']}, {smp['pixels']}px, "
-               f"shift {smp['shift']}, no CFG), vs fp32; no real VAE here, so PSNR is on the latent:", ""]
-            + _t(["method", "latent SSIM", "latent PSNR (dB)", "latent rel. err"], srows))
+    return (_table(f"### 5. Fidelity vs fp32 (Medium depth {f['depth']}, full width, {f['pixels']}px, 4 timesteps)",
+                   ["method", "rel. err (student_t)", "rel. err (gaussian)"], rows)
+            + [""] + _table(f"{smp['steps']}-step Euler sampling (depth {smp['depth']}, {smp['pixels']}px, "
+                            f"shift {smp['shift']}, no CFG), vs fp32; no real VAE here, so PSNR is on the latent:",
+                            ["method", "latent SSIM", "latent PSNR (dB)", "latent rel. err"], srows))
 
 
 def sensitivity(s: dict) -> list[str]:
     kinds = [k for k in ("student_t", "gaussian") if k in s]
-    header = ["group (only it in FP8)", "layers", "share of Medium"]
-    for k in kinds:
-        header += [f"rel. err ({k})", f"err per % saved ({k})"]
-    rows = []
-    for group, r in s[kinds[0]].items():
-        row = [group, r["layers"] if r["layers"] is not None else "-", _f(r["share_of_model"], ".2%")]
-        for k in kinds:
-            rk = s[k][group]
-            row += [_f(rk["rel_err"], ".4f"), _f(rk.get("err_per_pct_saved"), ".4f")]
-        rows.append(row)
-    return [f"### 6. Sensitivity (Medium depth {s['depth']}, full width, {s['pixels']}px; pos_embed: the stored "
-            "FP8 table; x_embedder: a Conv2d, emulated)",
-            ""] + _t(header, rows)
-
-
-def soak_table(s: dict) -> list[str]:
-    rows = [[s["n_prompts"], s["warmup"], _f(s["rss_growth_ratio"], ".4f"), s["tensor_growth"],
-             _f(s["tensor_mb_growth"], ".2f"), _f(s["seconds_per_prompt_median"], ".2f"), s["failed"],
-             "yes" if s["server_alive_at_end"] else "NO"]]
-    return ["### Soak (quantize + sample prompts in one ComfyUI server; growth after the warm-up prompts)", ""] + _t(
-        ["prompts", "warm-up", "RSS growth ratio", "live tensors added", "tensor MB added", "s / prompt", "failed",
-         "server alive"], rows)
-
-
-def goals(g: dict) -> list[str]:
-    rows = [[v["goal"], _f(v["value"], ".3f"), v["target"],
-             "-" if v["pass"] is None else ("pass" if v["pass"] else "FAIL")] for v in g.values()]
-    return ["### Goals", ""] + _t(["goal", "measured", "target", ""], rows)
+    header = ["group (only it in FP8)", "layers", "share of Medium",
+              *(h for k in kinds for h in (f"rel. err ({k})", f"err per % saved ({k})"))]
+    rows = [[group, "-" if r["layers"] is None else r["layers"], _f(r["share_of_model"], ".2%"),
+             *(_f(s[k][group].get(e), ".4f") for k in kinds for e in ("rel_err", "err_per_pct_saved"))]
+            for group, r in s[kinds[0]].items()]
+    return _table(f"### 6. Sensitivity (Medium depth {s['depth']}, full width, {s['pixels']}px; pos_embed: the "
+                  "stored FP8 table; x_embedder: a Conv2d, emulated)", header, rows)
 
 
 STOCK_PATH_LABELS = {
@@ -134,12 +111,27 @@ def stock_path(r: dict) -> list[str]:
              f"Medium full width, depth {m['depth']}, {m['pixels']}px" for k, m in models]
     rows = [[label] + [f"{m[key]['rel_err']:.4f} ({m[key]['scaled_mm_calls']} FP8 matmuls)" for _, m in models]
             for key, label in STOCK_PATH_LABELS.items()]
-    return [f"### 7. Files for stock ComfyUI: output error vs the 16-bit model ({r['host']}, per-tensor e4m3 "
-            f"file; {r['weights']} weights)", ""] + _t(["path", *heads], rows)
+    return _table(f"### 7. Files for stock ComfyUI: output error vs the 16-bit model ({r['host']}, per-tensor e4m3 "
+                  f"file; {r['weights']} weights)", ["path", *heads], rows)
+
+
+def soak_table(s: dict) -> list[str]:
+    rows = [[s["n_prompts"], s["warmup"], _f(s["rss_growth_ratio"], ".4f"), s["tensor_growth"],
+             _f(s["tensor_mb_growth"], ".2f"), _f(s["seconds_per_prompt_median"], ".2f"), s["failed"],
+             "yes" if s["server_alive_at_end"] else "NO"]]
+    return _table("### Soak (quantize + sample prompts in one ComfyUI server; growth after the warm-up prompts)",
+                  ["prompts", "warm-up", "RSS growth ratio", "live tensors added", "tensor MB added", "s / prompt",
+                   "failed", "server alive"], rows)
+
+
+def goals(g: dict) -> list[str]:
+    verdict = {None: "-", True: "pass", False: "FAIL"}
+    rows = [[v["goal"], _f(v["value"], ".3f"), v["target"], verdict[v["pass"]]] for v in g.values()]
+    return _table("### Goals", ["goal", "measured", "target", ""], rows)
 
 
 RENDER = {"memory": memory, "quantize": quantize, "load": load, "step": step, "fidelity": fidelity,
-          "sensitivity": sensitivity, "stock_path": stock_path}
+          "sensitivity": sensitivity, "stock_path": stock_path, "soak": soak_table}
 
 
 def render(results: dict) -> str:
@@ -149,17 +141,11 @@ def render(results: dict) -> str:
              f"{m.get('ram_gib')} GiB RAM; torch {results.get('torch')}. Random weights (see bench/README.md).", ""]
     for name, fn in RENDER.items():
         section = results.get(name)
-        if isinstance(section, dict) and "error" not in section:
-            lines += fn(section) + [""]
+        if isinstance(section, dict) and "error" in section:
+            lines += [f"### {'Soak' if name == 'soak' else name}: failed: {section['error'].splitlines()[-1]}", ""]
         elif isinstance(section, dict):
-            lines += [f"### {name}: failed: {section['error'].splitlines()[-1]}", ""]
-    soak = results.get("soak")
-    if isinstance(soak, dict) and "error" not in soak:
-        lines += soak_table(soak) + [""]
-    elif isinstance(soak, dict):
-        lines += [f"### Soak: failed: {soak['error'].splitlines()[-1]}", ""]
-    lines += goals(results.get("goals", {}))
-    return "\n".join(lines)
+            lines += fn(section) + [""]
+    return "\n".join(lines + goals(results.get("goals", {})))
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ Weights are float16 (as stored in a checkpoint), drawn as `student_t` (bench.wei
   error for the report in the same pass;
 - quanto: optimum.quanto quantize(qfloat8) + freeze on a module holding the same layers;
 - cast: a plain `.to(torch.float8_e4m3fn)`, the least work any FP8 conversion can do.
-Methods run round-robin and the median of the repeats is kept.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -20,33 +21,15 @@ from .common import interleaved_medians, log
 from .weights import fill_
 
 
-def block_linears(variant: str, index: int = 0) -> torch.nn.Module:
-    """Joint block `index` of the full-size architecture, float16, with drawn weights."""
-    meta = models.meta_model(variant, depth=max(2, index + 2))
-    block = meta.joint_blocks[index].to_empty(device="cpu")
-    for tensor in block.state_dict(keep_vars=True).values():
-        tensor.data = tensor.data.float()
-    fill_(block, "student_t", seed=index)
-    return block.half()
+def block_linears(variant: str) -> torch.nn.Module:
+    """Joint block 0 of the full-size architecture, float16, with drawn weights."""
+    block = models.meta_model(variant, depth=2, dtype=torch.float32).joint_blocks[0].to_empty(device="cpu")
+    return fill_(block, "student_t").half()
 
 
-def _linears(module: torch.nn.Module) -> list[torch.nn.Linear]:
-    return [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
-
-
-def _ours(weights: list[torch.Tensor]) -> None:
+def _each(fn: Callable[[torch.Tensor], object], weights: list[torch.Tensor]) -> None:
     for w in weights:
-        quantize_weight(w)
-
-
-def _ours_with_report(weights: list[torch.Tensor]) -> None:
-    for w in weights:
-        quantize_weight_with_error(w)
-
-
-def _cast(weights: list[torch.Tensor]) -> None:
-    for w in weights:
-        w.to(torch.float8_e4m3fn)
+        fn(w)
 
 
 def _quanto(block: torch.nn.Module) -> None:
@@ -59,32 +42,23 @@ def _quanto(block: torch.nn.Module) -> None:
 
 
 def _measure(variant: str, repeats: int) -> dict:
+    log(f"quantize throughput: {variant} block 0")
     block = block_linears(variant)
-    weights = [m.weight.detach() for m in _linears(block)]
+    weights = [m.weight.detach() for m in block.modules() if isinstance(m, torch.nn.Linear)]
     n = sum(w.numel() for w in weights)
-    seconds = interleaved_medians({
-        "ours": lambda: _ours(weights),
-        "ours_with_report": lambda: _ours_with_report(weights),
-        "quanto": lambda: _quanto(block),
-        "cast": lambda: _cast(weights),
-    }, repeats)
+    seconds = interleaved_medians({"ours": lambda: _each(quantize_weight, weights),
+                                   "ours_with_report": lambda: _each(quantize_weight_with_error, weights),
+                                   "quanto": lambda: _quanto(block),
+                                   "cast": lambda: _each(lambda w: w.to(torch.float8_e4m3fn), weights)}, repeats)
     return {"params": n, "layers": len(weights), "seconds": seconds,
             "mparams_s": {k: n / s / 1e6 for k, s in seconds.items()}}
 
 
 def run(quick: bool) -> dict:
     repeats = 3 if quick else 5
-    per_variant = {}
-    for variant in ("sd35_large", "sd35_medium"):
-        log(f"quantize throughput: {variant} block 0")
-        per_variant[variant] = _measure(variant, repeats)
+    per_variant = {variant: _measure(variant, repeats) for variant in ("sd35_large", "sd35_medium")}
     params = sum(v["params"] for v in per_variant.values())
     totals = {k: sum(v["seconds"][k] for v in per_variant.values()) for k in per_variant["sd35_large"]["seconds"]}
-    out = {f"{k}_mparams_s": params / s / 1e6 for k, s in totals.items()}
-    out["ours_over_quanto"] = totals["quanto"] / totals["ours"]
-    out["ours_over_cast"] = totals["cast"] / totals["ours"]
-    out["params"] = params
-    out["source_dtype"] = "float16"
-    out["repeats"] = repeats
-    out["per_variant"] = per_variant
-    return out
+    return {**{f"{k}_mparams_s": params / s / 1e6 for k, s in totals.items()},
+            "ours_over_quanto": totals["quanto"] / totals["ours"], "ours_over_cast": totals["cast"] / totals["ours"],
+            "params": params, "source_dtype": "float16", "repeats": repeats, "per_variant": per_variant}

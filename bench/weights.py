@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from tools import tiny_sd35
+
 KINDS = ("gaussian", "student_t")
 T_DOF = 4
 OUTLIER_CHANNELS = 0.01
@@ -38,8 +40,7 @@ def student_t(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
 
 def matrix(shape: tuple[int, ...], kind: str, gen: torch.Generator) -> torch.Tensor:
     """A weight of `shape` ([out, in, ...]) with std 1/sqrt(fan_in) and the statistics of `kind`."""
-    fan_in = math.prod(shape[1:]) or 1
-    std = 1.0 / math.sqrt(fan_in)
+    std = 1.0 / math.sqrt(math.prod(shape[1:]) or 1)  # 1 / sqrt(fan_in)
     if kind == "gaussian":
         return torch.randn(shape, generator=gen).mul_(std)
     if kind != "student_t":
@@ -56,18 +57,15 @@ def matrix(shape: tuple[int, ...], kind: str, gen: torch.Generator) -> torch.Ten
 @functools.lru_cache(maxsize=1)
 def sincos_pos_embed(shape: tuple[int, ...]) -> torch.Tensor:
     """SD3's fixed 2-D sin-cos position table (tools/tiny_sd35.py), float16-rounded (cached: do not modify)."""
-    from tools import tiny_sd35
-
     return tiny_sd35.sincos_pos_embed(shape).half().float()
 
 
 def draw(key: str, shape: tuple[int, ...], kind: str, seed: int = 0) -> torch.Tensor:
     """One tensor of an MMDiT state dict, float32 holding float16-representable values."""
-    leaf = key.rsplit(".", 1)[-1]
-    gen = _generator(seed, key)
     if key.endswith("pos_embed"):
         return sincos_pos_embed(tuple(shape))
-    if leaf == "bias":
+    gen = _generator(seed, key)
+    if key.rsplit(".", 1)[-1] == "bias":
         t = torch.randn(shape, generator=gen).mul_(0.01)
     elif len(shape) <= 1:
         t = torch.randn(shape, generator=gen).mul_(0.05).add_(1.0)
