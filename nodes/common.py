@@ -15,14 +15,6 @@ PACK_VERSION = "0.1.0"
 INFO_KEY = "sd35_fp8"  # model_options entry where loaders/quantizers record what they did (copied on clone)
 
 
-def _host_checks_v3_combos() -> bool:
-    """Hosts that parse V3 inputs while validating a prompt (ComfyUI 0.8.0: `get_finalized_class_inputs`) also
-    check V3 combo values. Older ones (0.3.75) check a combo only when INPUT_TYPES lists its choices."""
-    from comfy_api.latest import _io
-
-    return hasattr(_io, "get_finalized_class_inputs")
-
-
 class PackNode(io.ComfyNode):
     """A V3 node that keeps ComfyUI 0.3.75's combo validation: there, its V1 view (INPUT_TYPES, what the validator
     reads) lists each combo's choices the V1 way, since V3's own form ("COMBO" + "options") passes that validator
@@ -32,8 +24,12 @@ class PackNode(io.ComfyNode):
 
     @classmethod
     def INPUT_TYPES(cls, *args, **kwargs):  # noqa: N802 - ComfyUI's name
+        from comfy_api.latest import _io
+
         result = super().INPUT_TYPES(*args, **kwargs)
-        if _host_checks_v3_combos():
+        # Hosts that parse V3 inputs while validating a prompt (ComfyUI 0.8.0: `get_finalized_class_inputs`) also
+        # check V3 combo values. Older ones (0.3.75) check a combo only when INPUT_TYPES lists its choices.
+        if hasattr(_io, "get_finalized_class_inputs"):
             return result
         spec = result[0] if isinstance(result, tuple) else result
         for group in ("required", "optional"):

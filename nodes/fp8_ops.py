@@ -129,7 +129,6 @@ def make_fp8_ops(compute: str = "auto") -> type:
                 else:
                     self.weight = torch.nn.Parameter(new, requires_grad=False)
 
-
     return FP8Ops
 
 

@@ -46,12 +46,11 @@ def fp8_weight(module: torch.nn.Module, name: str = "", weight: torch.Tensor | N
         if layout not in FP8_LAYOUTS:
             raise UnsupportedHostLayout(f"{name or 'a layer'} is held by ComfyUI in its {layout} layout; this pack "
                                         "reads and writes scaled FP8 only. Load the model from a 16-bit file instead")
-        qdata = weight._qdata
         params = getattr(weight, "_params", None)
         scale = params.scale if params is not None else weight._layout_params["scale"]
         if scale is None:
             scale = torch.ones(())
-        return qdata, scale.detach().float()
+        return weight._qdata, scale.detach().float()
     if not is_fp8(weight):
         return None
     scale = getattr(module, "weight_scale", None)
@@ -64,6 +63,5 @@ def fp8_weight(module: torch.nn.Module, name: str = "", weight: torch.Tensor | N
 
 def is_linear(module: torch.nn.Module) -> bool:
     """A Linear layer, including ComfyUI 0.8.0's mixed-precision Linear (a plain Module, not an nn.Linear)."""
-    return isinstance(module, torch.nn.Linear) or (
-        hasattr(module, "in_features") and hasattr(module, "out_features")
-        and isinstance(getattr(module, "weight", None), torch.Tensor))
+    return isinstance(module, torch.nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "out_features")
+                                                   and isinstance(getattr(module, "weight", None), torch.Tensor))

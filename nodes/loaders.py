@@ -53,9 +53,7 @@ def _progress():
 def _metadata(header: dict) -> dict[str, str]:
     """Header metadata for ComfyUI's model detection, minus the quantization entry: our operations read the
     FP8 layers themselves (ComfyUI would otherwise switch to its own mixed-precision ops)."""
-    metadata = dict(header.get("__metadata__") or {})
-    metadata.pop(QUANT_METADATA_KEY, None)
-    return metadata
+    return {k: v for k, v in (header.get("__metadata__") or {}).items() if k != QUANT_METADATA_KEY}
 
 
 def _model_file(folder: str, name: str, input_name: str) -> tuple[str, dict]:
@@ -165,9 +163,10 @@ class SD35FP8CheckpointLoader(PackNode):
         return io.NodeOutput(model, clip, vae, report_text)
 
 
-def diffusers_folders() -> list[str]:
-    """SD3-family diffusers-format folders under diffusion_models/ and diffusers/ (ComfyUI lists none)."""
-    names = []
+def _diffusers_transformers() -> dict[str, Path]:
+    """{name: transformer folder} of the SD3-family diffusers-format folders under diffusion_models/ and diffusers/
+    (ComfyUI lists none); the first found wins."""
+    found: dict[str, Path] = {}
     for folder in ("diffusion_models", "diffusers"):
         for root in folder_paths.get_folder_paths(folder):
             base = Path(root)
@@ -176,21 +175,10 @@ def diffusers_folders() -> list[str]:
             for config in sorted(base.glob("*/transformer/config.json")) + sorted(base.glob("*/config.json")):
                 try:
                     if json.loads(config.read_text()).get("_class_name") == "SD3Transformer2DModel":
-                        names.append(str(config.parent.relative_to(base)).split("/transformer")[0])
+                        found.setdefault(str(config.parent.relative_to(base)).split("/transformer")[0], config.parent)
                 except (OSError, ValueError):
                     continue
-    return sorted(set(names))
-
-
-def _diffusers_folder_path(name: str) -> Path:
-    if name not in diffusers_folders():
-        raise FileNotFoundError(f"model_name: {name!r} is not a diffusers folder in models/diffusion_models")
-    for folder in ("diffusion_models", "diffusers"):
-        for root in folder_paths.get_folder_paths(folder):
-            candidate = Path(root) / name
-            if candidate.is_dir():
-                return candidate / "transformer" if (candidate / "transformer").is_dir() else candidate
-    raise FileNotFoundError(f"model_name: {name!r} vanished while loading")
+    return found
 
 
 def read_diffusers_transformer(folder: Path) -> dict:
@@ -224,7 +212,7 @@ class SD35FP8DiffusionModelLoader(PackNode):
                         "loader.",
             inputs=[
                 io.Combo.Input("model_name", options=folder_paths.get_filename_list("diffusion_models")
-                               + diffusers_folders(),
+                               + sorted(_diffusers_transformers()),
                                tooltip="A .safetensors transformer in models/diffusion_models, or a diffusers folder "
                                        "(with transformer/config.json) there or in models/diffusers."),
                 *quant_inputs(),
@@ -247,7 +235,11 @@ class SD35FP8DiffusionModelLoader(PackNode):
             sd, report, dtype = _quantize_file(path, header, "", settings, memory_budget)
             metadata = _metadata(header)
         else:
-            raw = read_diffusers_transformer(_diffusers_folder_path(model_name))
+            folder = _diffusers_transformers().get(model_name)
+            if folder is None:
+                raise FileNotFoundError(f"model_name: {model_name!r} is not a diffusers folder in "
+                                        "models/diffusion_models")
+            raw = read_diffusers_transformer(folder)
             converted = comfy.model_detection.convert_diffusers_mmdit(raw, "")
             if converted is None:
                 raise ValueError(f"model_name: {model_name} is a diffusers folder but not an SD3-family transformer")

@@ -25,7 +25,7 @@ from .host_fp8 import fp8_weight, is_linear
 def _original_weight(patcher, key: str, module: torch.nn.Module) -> torch.Tensor:
     """The layer's own weight, without LoRA merged in by a patcher that is currently applied."""
     for candidate in (patcher, getattr(patcher, "parent", None)):
-        backup = getattr(candidate, "backup", {}) if candidate is not None else {}
+        backup = getattr(candidate, "backup", {})  # {} for None too
         if key in backup:
             return backup[key].weight
     return module.weight

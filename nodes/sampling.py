@@ -56,12 +56,6 @@ def parse_skip_layers(text: str) -> list[int]:
     return [int(v) for v in re.findall(r"\d+", text)]
 
 
-def _peak_memory_text(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"peak VRAM {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB (max allocated)"
-    return f"process RSS {psutil.Process().memory_info().rss / 2**20:.0f} MB"
-
-
 class SD35FP8Sampler(PackNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -126,8 +120,8 @@ class SD35FP8Sampler(PackNode):
         layers = parse_skip_layers(settings["skip_layers"])
         notes = []
         depth = len(getattr(model.model.diffusion_model, "joint_blocks", []))
-        if layers and depth and max(layers) >= depth:
-            missing = [i for i in layers if i >= depth]
+        missing = [i for i in layers if depth and i >= depth]
+        if missing:
             if preset == "custom":
                 raise ValueError(f"skip_layers: block(s) {missing} do not exist in this {depth}-block model; use "
                                  f"numbers from 0 to {depth - 1} (SD3.5 Medium: 7,8,9) or leave it empty")
@@ -145,8 +139,12 @@ class SD35FP8Sampler(PackNode):
         latent = nodes.common_ksampler(patched, seed, settings["steps"], settings["cfg"], settings["sampler_name"],
                                        settings["scheduler"], positive, negative, latent_image, denoise=denoise)[0]
         seconds = time.perf_counter() - start
+        if device.type == "cuda":
+            memory = f"peak VRAM {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB (max allocated)"
+        else:
+            memory = f"process RSS {psutil.Process().memory_info().rss / 2**20:.0f} MB"
         used = ", ".join(f"{k}={v}" for k, v in settings.items() if layers or not k.startswith("skip"))
         stats = [f"preset {preset}: {used}",
-                 f"{seconds:.2f} s total, {seconds / settings['steps']:.3f} s/step, {_peak_memory_text(device)}",
+                 f"{seconds:.2f} s total, {seconds / settings['steps']:.3f} s/step, {memory}",
                  *notes]
         return io.NodeOutput(latent, "\n".join(stats))

@@ -43,8 +43,7 @@ def fp8_state_dict(model, layout: str = "stock_compatible") -> tuple[dict, dict[
             qdata, scale = held
             sd[prefix + "weight"], sd[prefix + "weight_scale"] = qdata.detach().cpu(), scale.cpu()
             layer_formats[module_name] = format_name(qdata.dtype)
-        tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-        for name, tensor in tensors:
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if tensor is None or (held is not None and (name == "weight" or ("." + name).endswith(SCALE_SUFFIXES))):
                 continue
             key = prefix + name
@@ -109,10 +108,7 @@ class SD35FP8SaveModel(PackNode):
             "sd35_fp8.scaling": "per_tensor" if layout == "stock_compatible" else str(info.get("scaling", "unknown")),
             "sd35_fp8.notes": json.dumps(notes),
         }
-        while True:
-            path = os.path.join(folder, f"{filename}_{counter:05}_.safetensors")
-            if not os.path.exists(path):
-                break
+        while os.path.exists(path := os.path.join(folder, f"{filename}_{counter:05}_.safetensors")):
             counter += 1
         save_quantized(path, sd, layer_formats, metadata=metadata, overwrite=False)
         text = f"saved {os.path.relpath(path, output_dir)}: {len(layer_formats)} FP8 layers; {'; '.join(notes)}"

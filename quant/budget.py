@@ -104,10 +104,9 @@ def fit(candidates: list[Candidate], fixed_bytes: int, budget: int,
     candidate's FP8 error, asked only when the budget forces it into FP8."""
     minimum = fixed_bytes + sum(c.bytes_fp8 for c in candidates)
     if minimum > budget:
-        raise BudgetTooSmall(
-            f"memory_budget: {format_bytes(budget)} is below the smallest this model reaches, {format_bytes(minimum)} "
-            "with every layer the rules allow in FP8. Raise the budget, use SD3.5 Medium, or set memory_budget off "
-            "and let ComfyUI offload (e.g. --lowvram)")
+        raise BudgetTooSmall(f"memory_budget: {format_bytes(budget)} is below the smallest this model reaches, "
+                             f"{format_bytes(minimum)} with every layer the rules allow in FP8. Raise the budget, use "
+                             "SD3.5 Medium, or set memory_budget off and let ComfyUI offload (e.g. --lowvram)")
     sixteen = {c.key for c in candidates if c.preset}
     total = fixed_bytes + sum(c.bytes_16 if c.key in sixteen else c.bytes_fp8 for c in candidates)
     demoted = []
@@ -129,22 +128,11 @@ def fit(candidates: list[Candidate], fixed_bytes: int, budget: int,
     return Fit(sixteen, total, error, demoted)
 
 
-def measure_with(fp8_format: str, scaling: str, source: Callable[[str], torch.Tensor]) -> Callable[[Candidate], float]:
-    def measure(c: Candidate) -> float:
-        return quantize_weight_with_error(source(c.key), fp8_format, scaling, name=c.name)[2]
-
-    return measure
-
-
 def held_bytes(row, itemsize: int | None = None) -> int:
     """A report row's bytes as the host holds them: FP8 and non-float tensors as stored, the others at `itemsize`
     bytes per element (None: as stored)."""
     wide = row.dtype_after.startswith("torch.float") and "float8" not in row.dtype_after
     return math.prod(row.shape) * itemsize if wide and itemsize is not None else row.bytes_after
-
-
-def _is_preset_rule(rule: str) -> bool:
-    return rule.startswith(("preset ", "generic rule"))
 
 
 def fit_budget(plan, report, budget: int, source: Callable[[str], torch.Tensor], itemsize: int | None = None) -> dict:
@@ -170,20 +158,18 @@ def fit_budget(plan, report, budget: int, source: Callable[[str], torch.Tensor],
             continue
         if decision.action in (FP8, UNIT_SCALE) and row.action == "fp8":
             candidates.append(Candidate(key, decision.layer, row.bytes_after, wide(row), row.rel_error, False))
-        elif decision.action == PROTECTED and _is_preset_rule(decision.rule):
+        elif decision.action == PROTECTED and decision.rule.startswith(("preset ", "generic rule")):
             rows_out = row.shape[0] if plan.config.scaling == "per_channel" else 1
             candidates.append(Candidate(key, decision.layer, math.prod(row.shape) + 4 * rows_out, wide(row), None,
                                         True))
         else:
             fixed += held_bytes(row, itemsize)
-    result = fit(candidates, fixed, budget, measure_with(plan.config.fp8_format, plan.config.scaling, source))
-    changed = {}
-    for c in candidates:
-        if c.preset == (c.key in result.sixteen_bit):
-            continue
-        old = plan.decisions[c.key]
-        changed[c.key] = Decision(PROTECTED, "memory budget: kept 16-bit", c.name, True) if not c.preset else \
-            Decision(FP8, f"memory budget: FP8 to fit ({old.rule} would keep it 16-bit)", c.name, True)
+    config = plan.config
+    result = fit(candidates, fixed, budget,
+                 lambda c: quantize_weight_with_error(source(c.key), config.fp8_format, config.scaling, name=c.name)[2])
+    changed = {c.key: Decision(PROTECTED, "memory budget: kept 16-bit", c.name, True) if not c.preset else
+               Decision(FP8, f"memory budget: FP8 to fit ({plan[c.key].rule} would keep it 16-bit)", c.name, True)
+               for c in candidates if c.preset != (c.key in result.sixteen_bit)}
     plan.decisions.update(changed)
     names = {d.layer for d in changed.values()}
     report.layers = [row for row in report.layers if row.name not in names]

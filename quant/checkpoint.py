@@ -12,9 +12,11 @@ Read layouts (quant.streaming): the above, ComfyUI 0.8.0's `.comfy_quant` entrie
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -45,10 +47,9 @@ def refuse_pickle(path: str | os.PathLike, input_name: str = "file") -> dict:
     (pass it on, e.g. to `quantize_safetensors_stream`, rather than parsing the file again)."""
     name = os.path.basename(str(path))
     if str(path).lower().endswith(PICKLE_SUFFIXES):
-        raise UnsafeFileError(
-            f"{input_name}: {name} is a pickle-based file; this pack never unpickles model files (loading one can "
-            "run arbitrary code). Use a .safetensors version of the model, or convert it in a sandbox."
-        )
+        raise UnsafeFileError(f"{input_name}: {name} is a pickle-based file; this pack never unpickles model files "
+                              "(loading one can run arbitrary code). Use a .safetensors version of the model, or "
+                              "convert it in a sandbox.")
     return check_safetensors(path, input_name)
 
 
@@ -76,14 +77,13 @@ def check_safetensors(path: str | os.PathLike, input_name: str = "file") -> dict
         try:
             header = json.loads(f.read(length))
         except (ValueError, RecursionError):
-            raise ValueError(f"{input_name}: {name} has a corrupt safetensors header; re-download it") from None
+            header = None
     if not isinstance(header, dict):
         raise ValueError(f"{input_name}: {name} has a corrupt safetensors header; re-download it")
     data_size = size - 8 - length
     for key, entry in header.items():
         if key == "__metadata__":
-            if entry is not None and not (isinstance(entry, dict) and
-                                          all(isinstance(v, str) for v in entry.values())):
+            if entry is not None and not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
                 raise ValueError(f"{input_name}: {name} has a corrupt safetensors header (__metadata__ is not a "
                                  "table of strings); re-download it")
             continue
@@ -119,10 +119,7 @@ def _entry_problem(entry: object, data_size: int) -> str | None:
         return f"invalid data_offsets {offsets!r}"
     if offsets[1] > data_size:
         return "it ends past the end of the file"
-    numel = 1
-    for d in shape:
-        numel *= d
-    bits = numel * SAFETENSORS_BITS[dtype]
+    bits = math.prod(shape) * SAFETENSORS_BITS[dtype]
     if bits % 8 or offsets[1] - offsets[0] != bits // 8:
         return f"{offsets[1] - offsets[0]} bytes for shape {shape} of {dtype}"
     if shape and shape[-1] * SAFETENSORS_BITS[dtype] % 8:  # packed rows end on a byte (safetensors' own rule)
@@ -202,11 +199,9 @@ def save_quantized(path: str | os.PathLike, sd: dict[str, torch.Tensor], layer_f
             except FileExistsError:
                 raise FileExistsError(f"output: {path.name} appeared while saving (another save?); nothing was "
                                       "overwritten: run it again to save under the next free name") from None
-            os.unlink(tmp)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
     return path
 
 
@@ -214,11 +209,8 @@ def inspect_file(path: str | os.PathLike) -> dict:
     """What is in a checkpoint, from its header alone (no tensor data read)."""
     header = check_safetensors(path)
     metadata = header.pop("__metadata__", {}) or {}
-    dtypes: dict[str, int] = {}
-    total = 0
-    for entry in header.values():
-        dtypes[entry["dtype"]] = dtypes.get(entry["dtype"], 0) + 1
-        total += entry["data_offsets"][1] - entry["data_offsets"][0]
+    dtypes = dict(Counter(entry["dtype"] for entry in header.values()))
+    total = sum(entry["data_offsets"][1] - entry["data_offsets"][0] for entry in header.values())
     fp8 = [k[: -len(".weight")] for k, v in header.items() if k.endswith(".weight") and v["dtype"].startswith("F8")]
     per_channel = sum(1 for k in fp8 if len(header.get(f"{k}.weight_scale", {}).get("shape", [])) == 2)
     layout = "native" if QUANT_METADATA_KEY in metadata else \

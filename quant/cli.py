@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .budget import auto_budget, parse_budget
 from .checkpoint import LAYOUTS, STOCK_FORMAT, inspect_file, save_quantized, to_stock_layout
@@ -24,16 +25,9 @@ DIFFUSION_PREFIX = "model.diffusion_model."
 
 
 def _progress_bar(label: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with huggingface_hub
-        tqdm = None
     state: dict = {}
 
     def update(done: int, total: int) -> None:
-        if tqdm is None:
-            print(f"\r{label}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
-            return
         if "bar" not in state:
             state["bar"] = tqdm(total=total, desc=label, unit="tensor", file=sys.stderr)
         state["bar"].update(done - state["bar"].n)
@@ -94,8 +88,7 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
-    info = inspect_file(args.file)
-    print(json.dumps(info, indent=2))
+    print(json.dumps(inspect_file(args.file), indent=2))
     return 0
 
 

@@ -42,7 +42,6 @@ class QuantConfig:
             raise ValueError(f"memory_budget: {self.memory_budget!r} is not a number of bytes above 0")
         if self.memory_budget is not None and self.backend != "native":
             raise ValueError("memory_budget: fitting a budget works with backend native only")
-        if isinstance(self.protect_patterns, str):
-            object.__setattr__(self, "protect_patterns", tuple(self.protect_patterns.splitlines()))
-        else:
-            object.__setattr__(self, "protect_patterns", tuple(self.protect_patterns))
+        patterns = self.protect_patterns
+        object.__setattr__(self, "protect_patterns",
+                           tuple(patterns.splitlines() if isinstance(patterns, str) else patterns))

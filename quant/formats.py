@@ -31,9 +31,8 @@ def fp8_dtype(fmt: str) -> torch.dtype:
     try:
         return FP8_DTYPES[fmt]
     except KeyError:
-        raise ValueError(
-            f"fp8_format: {fmt!r} is not a supported FP8 format; use one of {sorted(FP8_DTYPES)}"
-        ) from None
+        raise ValueError(f"fp8_format: {fmt!r} is not a supported FP8 format; use one of {sorted(FP8_DTYPES)}") \
+            from None
 
 
 def fp8_max(fmt: str | torch.dtype) -> float:
@@ -57,10 +56,8 @@ def is_fp8(tensor: torch.Tensor) -> bool:
 def _check_finite(weight: torch.Tensor, name: str) -> None:
     if not bool(torch.isfinite(weight).all()):
         bad = int((~torch.isfinite(weight)).sum())
-        raise ValueError(
-            f"{name}: weight holds {bad} NaN/Inf value(s); this checkpoint is damaged. "
-            f"Re-download it, or add {name.removesuffix('.weight')!r} to protect_patterns to keep it as is."
-        )
+        raise ValueError(f"{name}: weight holds {bad} NaN/Inf value(s); this checkpoint is damaged. Re-download it, "
+                         f"or add {name.removesuffix('.weight')!r} to protect_patterns to keep it as is.")
 
 
 def _absmax(weight: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -75,13 +72,6 @@ def _scale_from_absmax(absmax: torch.Tensor, limit: float) -> torch.Tensor:
     values under ~5e-36 would otherwise get a zero (or subnormal) scale and dequantize to NaN/Inf."""
     scale = (absmax / limit).clamp_(min=torch.finfo(torch.float32).tiny)
     return torch.where(absmax > 0, scale, torch.ones_like(scale))
-
-
-def _check_scaling(weight: torch.Tensor, scaling: str) -> None:
-    if scaling not in SCALINGS:
-        raise ValueError(f"scaling: {scaling!r} is not supported; use one of {list(SCALINGS)}")
-    if weight.dim() != 2 and scaling == "per_channel":
-        raise ValueError(f"per_channel scaling needs a 2-D weight, got shape {tuple(weight.shape)}")
 
 
 def _chunk_rows(weight: torch.Tensor) -> int:
@@ -123,82 +113,56 @@ class _ErrorSums:
         return (self.diff / self.ref) ** 0.5 if self.ref > 0 else self.diff**0.5
 
 
-def _scale_into(out: torch.Tensor, buf: torch.Tensor, chunk: torch.Tensor, scale: torch.Tensor,
-                limit: float | None, errors: _ErrorSums | None = None, work: torch.Tensor | None = None) -> None:
-    """out = fp8(chunk / scale) through the float32 buffer `buf` (same shape as chunk); clamp if `limit`."""
-    buf.copy_(chunk)
-    buf.div_(scale)
-    if limit is not None:
-        buf.clamp_(-limit, limit)
-    out.copy_(buf)
-    if errors is not None:
-        errors.add(buf, out, scale, work)
+def _quantize_chunks(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, limit: float | None,
+                     errors: _ErrorSums | None = None, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8(weight / scale), scale), one cache-sized chunk of rows at a time through a float32 buffer (a 2432x9728
+    layer never needs a full float32 copy), clamped to +-`limit` if given. `scale`: one value, one per row, or None
+    for per-row absmax scales made chunk by chunk (fused with the cast: each chunk is read once).
 
-
-def _quantize_chunks(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, limit: float | None,
-                     rows_scale: bool, errors: _ErrorSums | None = None) -> torch.Tensor:
-    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    Absmax scales need no clamp: dividing by fl(absmax / max) puts every value within a few float32 ulps of the
+    format's max, which rounds to the max itself (the next FP8 value is far above).
+    """
     if weight.numel() == 0:
-        return out
+        return torch.empty(weight.shape, dtype=dtype, device=weight.device), scale
     if weight.dim() == 0:
-        buf = torch.empty((), device=weight.device)
-        _scale_into(out, buf, weight, scale, limit, errors, torch.empty_like(buf))
-        return out
+        out, scale = _quantize_chunks(weight.reshape(1), scale, dtype, limit, errors, name)
+        return out.reshape(()), scale
+    per_row = scale is None
+    if per_row:
+        scale = torch.empty((weight.shape[0], 1), dtype=torch.float32, device=weight.device)
+    rows_scale = scale.dim() > 0 and scale.shape[0] == weight.shape[0] and scale.shape[0] > 1
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     step = _chunk_rows(weight)
     buf = torch.empty((min(step, weight.shape[0]), *weight.shape[1:]), device=weight.device)
     work = torch.empty_like(buf) if errors is not None else None
     for start in range(0, weight.shape[0], step):
         chunk = weight[start:start + step]
         row_scale = scale[start:start + step] if rows_scale else scale
-        rows = chunk.shape[0]
-        _scale_into(out[start:start + step], buf[:rows], chunk, row_scale, limit, errors,
-                    None if work is None else work[:rows])
-    return out
-
-
-def quantize_with_scale(weight: torch.Tensor, scale: torch.Tensor, fmt: str = "float8_e4m3fn") -> torch.Tensor:
-    """weight / scale, saturated to the format's finite range, rounded to nearest.
-
-    Works chunk by chunk over rows so a 2432x9728 layer never needs a full float32 copy.
-    """
-    dtype = fp8_dtype(fmt)
-    scale = scale.to(device=weight.device, dtype=torch.float32)
-    rows_scale = scale.dim() > 0 and weight.dim() > 0 and scale.shape[0] == weight.shape[0] and scale.shape[0] > 1
-    return _quantize_chunks(weight, scale, dtype, fp8_max(dtype), rows_scale)
-
-
-def _quantize_per_channel(weight: torch.Tensor, dtype: torch.dtype, name: str,
-                          errors: _ErrorSums | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused per-row absmax, scale and cast, one cache-sized chunk of rows at a time.
-
-    No clamp is needed: dividing by fl(absmax / max) puts every value within a few float32 ulps of
-    the format's max, which rounds to the max itself (the next FP8 value is far above).
-    """
-    limit = fp8_max(dtype)
-    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-    scale = torch.empty((weight.shape[0], 1), dtype=torch.float32, device=weight.device)
-    step = _chunk_rows(weight)
-    buf = torch.empty((min(step, weight.shape[0]), weight.shape[1]), device=weight.device)
-    work = torch.empty_like(buf) if errors is not None else None
-    for start in range(0, weight.shape[0], step):
-        chunk = weight[start:start + step]
-        absmax = _absmax(chunk, 1)
-        if not bool(torch.isfinite(absmax).all()):
-            _check_finite(weight, name)
-        row_scale = scale[start:start + step]
-        row_scale.copy_(_scale_from_absmax(absmax, limit))
-        rows = chunk.shape[0]
-        _scale_into(out[start:start + step], buf[:rows], chunk, row_scale, None, errors,
-                    None if work is None else work[:rows])
+        if per_row:
+            absmax = _absmax(chunk, 1)
+            if not bool(torch.isfinite(absmax).all()):
+                _check_finite(weight, name)
+            row_scale.copy_(_scale_from_absmax(absmax, fp8_max(dtype)))
+        scaled, fp8 = buf[:chunk.shape[0]], out[start:start + step]
+        scaled.copy_(chunk)
+        scaled.div_(row_scale)
+        if limit is not None:
+            scaled.clamp_(-limit, limit)
+        fp8.copy_(scaled)
+        if errors is not None:
+            errors.add(scaled, fp8, row_scale, work[:chunk.shape[0]])
     return out, scale
 
 
-def quantize_weight(
-    weight: torch.Tensor,
-    fmt: str = "float8_e4m3fn",
-    scaling: str = "per_channel",
-    name: str = "weight",
-) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_with_scale(weight: torch.Tensor, scale: torch.Tensor, fmt: str = "float8_e4m3fn") -> torch.Tensor:
+    """weight / scale, saturated to the format's finite range, rounded to nearest."""
+    dtype = fp8_dtype(fmt)
+    scale = scale.to(device=weight.device, dtype=torch.float32)
+    return _quantize_chunks(weight, scale, dtype, fp8_max(dtype))[0]
+
+
+def quantize_weight(weight: torch.Tensor, fmt: str = "float8_e4m3fn", scaling: str = "per_channel",
+                    name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a float weight to (fp8 tensor, float32 scale).
 
     `name` only labels errors: a weight with NaN/Inf is refused, naming the layer.
@@ -227,15 +191,16 @@ def _quantize(weight: torch.Tensor, fmt: str, scaling: str, name: str,
     if weight.numel() == 0:  # a 0-width layer: nothing to scale
         shape = (weight.shape[0], 1) if scaling == "per_channel" and weight.dim() == 2 else ()
         return torch.empty(weight.shape, dtype=dtype, device=weight.device), torch.ones(shape, device=weight.device)
-    _check_scaling(weight, scaling)
     if scaling == "per_channel":
-        return _quantize_per_channel(weight, dtype, name, errors)
+        if weight.dim() != 2:
+            raise ValueError(f"per_channel scaling needs a 2-D weight, got shape {tuple(weight.shape)}")
+        return _quantize_chunks(weight, None, dtype, None, errors, name)
     absmax = _absmax(weight)
     if not bool(torch.isfinite(absmax)):
         _check_finite(weight, name)
     scale = _scale_from_absmax(absmax, fp8_max(dtype))
     rows = weight.reshape(-1, weight.shape[-1]) if weight.dim() > 2 else weight  # chunks of rows, not of dim 0
-    qweight = _quantize_chunks(rows, scale, dtype, None, False, errors)
+    qweight, _ = _quantize_chunks(rows, scale, dtype, None, errors)
     return qweight.reshape(weight.shape), scale
 
 
@@ -304,36 +269,25 @@ def quantize_unit_scale(tensor: torch.Tensor, fmt: str = "float8_e4m3fn",
         return None, None, f"{name}: values up to {absmax:.4g} exceed {fmt}'s range; kept 16-bit"
     fp8 = tensor.to(dtype)
     error = relative_error(tensor, fp8)
-    scaled_error = _per_tensor_error(tensor, dtype, absmax)
+    # the error an absmax per-tensor scale would give, chunk by chunk: no FP8 copy of the whole
+    scale = _scale_from_absmax(torch.tensor(absmax), fp8_max(dtype))
+    rows = tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() > 1 else tensor.reshape(-1, 1)
+    errors = _ErrorSums()
+    for chunk in rows.split(_chunk_rows(rows)):
+        _quantize_chunks(chunk, scale, dtype, None, errors)
+    scaled_error = errors.relative
     if error > 1.1 * scaled_error:
         return None, error, (f"{name}: FP8 with scale 1.0 would err {error:.4f} ({scaled_error:.4f} with a scale, "
                              "which stock ComfyUI cannot read for a non-Linear tensor); kept 16-bit")
     return fp8, error, ""
 
 
-def _per_tensor_error(tensor: torch.Tensor, dtype: torch.dtype, absmax: float) -> float:
-    """The relative error an absmax per-tensor scale would give, chunk by chunk: no FP8 copy of the whole."""
-    scale = _scale_from_absmax(torch.tensor(absmax), fp8_max(dtype))
-    rows = tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() > 1 else tensor.reshape(-1, 1)
-    errors = _ErrorSums()
-    for chunk in rows.split(_chunk_rows(rows)):
-        _quantize_chunks(chunk, scale, dtype, None, False, errors)
-    return errors.relative
-
-
-def _flat_chunks(*tensors: torch.Tensor):
-    """Matching 1-D chunks of same-sized tensors, cache-sized on the CPU."""
-    flat = [t.reshape(-1) for t in tensors]
-    step = _CPU_CHUNK_ELEMENTS if tensors[0].device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS
-    for start in range(0, flat[0].numel(), step):
-        yield tuple(f[start:start + step] for f in flat)
-
-
 def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """||approx - reference|| / ||reference|| in float64 (0.0 for an all-zero reference), chunk by chunk."""
-    approx = approx.expand_as(reference)
+    reference, approx = reference.reshape(-1), approx.expand_as(reference).reshape(-1)
+    step = _CPU_CHUNK_ELEMENTS if reference.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS  # cache-sized chunks
     num = den = 0.0
-    for ref, app in _flat_chunks(reference, approx):
+    for ref, app in zip(reference.split(step), approx.split(step)):
         ref = ref.double()
         den += float(ref.square().sum())
         num += float((app.double() - ref).square_().sum())

@@ -11,6 +11,7 @@ Device properties are read through `_cuda_properties`, which tests replace to fa
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -77,13 +78,10 @@ def _has_scaled_mm() -> bool:
 
 
 def _host_memory_mb() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) // 1024
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
     return 0
 
 
@@ -129,8 +127,6 @@ def resolve_compute(compute: str, device: str | torch.device) -> str:
     if compute == "auto":
         return cap.recommended_compute
     if not cap.fp8_matmul:
-        raise FP8MatmulUnsupported(
-            f"compute: fp8_matmul cannot run on {cap.device} ({cap.name}): {cap.reason}. "
-            "Use compute=auto or weight_only (FP8 storage, 16/32-bit math)."
-        )
+        raise FP8MatmulUnsupported(f"compute: fp8_matmul cannot run on {cap.device} ({cap.name}): {cap.reason}. "
+                                   "Use compute=auto or weight_only (FP8 storage, 16/32-bit math).")
     return compute

@@ -16,7 +16,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .formats import dequantize_weight, format_name, is_fp8, quantize_weight
+from .formats import dequantize_weight, is_fp8, quantize_weight
 from .hardware import resolve_compute
 
 _E4M3 = torch.float8_e4m3fn
@@ -44,19 +44,15 @@ def scaled_mm_problem(x2d: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
     return None
 
 
-def _note_once(reason: str) -> None:
-    if reason not in _noted:
-        _noted.add(reason)
-        logging.getLogger(__name__).info("fp8_matmul: falling back to weight_only where %s", reason)
-
-
 def fp8_matmul_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ (weight * scale).T + bias, FP8 x FP8 with row-wise scales; weight_only where it cannot run."""
     x2d = x.reshape(-1, x.shape[-1])
     problem = scaled_mm_problem(x2d, weight, scale)
     if problem is not None:
-        _note_once(problem)
+        if problem not in _noted:
+            _noted.add(problem)
+            logging.getLogger(__name__).info("fp8_matmul: falling back to weight_only where %s", problem)
         return weight_only_linear(x, weight, scale, bias)
     # per-token scales: the reduction is float32, the scaled copy stays in the activation's dtype
     inv = x2d.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-12).reciprocal_().mul_(_E4M3_MAX)
@@ -98,19 +94,14 @@ class FP8LinearMixin:
 
     def compute_for(self, device: torch.device) -> str:
         resolved = self.__dict__.setdefault("_resolved_compute", {})
-        key = str(device)
-        if key not in resolved:
-            resolved[key] = resolve_compute(self.compute, device)
-        return resolved[key]
+        if str(device) not in resolved:
+            resolved[str(device)] = resolve_compute(self.compute, device)
+        return resolved[str(device)]
 
     def fp8_forward(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                     bias: torch.Tensor | None) -> torch.Tensor:
         """y = x @ (weight * scale).T + bias, on the path `compute` resolves to on x's device."""
         return scaled_linear(x, weight, scale, bias, self.compute_for(x.device))
-
-    @property
-    def fp8_format(self) -> str:
-        return format_name(self.weight.dtype)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(self.weight, self.weight_scale, dtype)

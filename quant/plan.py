@@ -112,9 +112,6 @@ def make_plan(config: QuantConfig, shapes: Mapping[str, tuple[int, ...]], dtypes
         base = key.removesuffix(".weight")
         return base != key and len(shapes[key]) == 2 and (linears is None or base in linears)
 
-    def has_scale(key: str) -> bool:
-        return any(key.removesuffix(".weight") + s in shapes for s in (".weight_scale", ".scale_weight"))
-
     def decide(key: str) -> Decision:
         if key.endswith(SCALE_SUFFIXES) or key.endswith((LEGACY_MARKER, QUANT_ENTRY_SUFFIX)):
             return Decision(COMPANION, "read with its layer", key)
@@ -126,7 +123,8 @@ def make_plan(config: QuantConfig, shapes: Mapping[str, tuple[int, ...]], dtypes
         if in_model and rel in policy.unit_scale:
             return Decision(UNIT_SCALE, "SD3 table: FP8 with scale 1.0", rel, True)
         if dtype in FP8_DTYPES.values():  # wherever it is: its scale must travel with it
-            if is_layer(key) or has_scale(key):
+            base = key.removesuffix(".weight")
+            if is_layer(key) or base + ".weight_scale" in shapes or base + ".scale_weight" in shapes:
                 return Decision(HELD, "already FP8 with its scale", layer, in_model)
             if linears is not None:  # a live model: the host loaded it so and runs it so
                 return Decision(KEPT, "float8 as the host loaded it", rel, in_model)

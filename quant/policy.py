@@ -23,13 +23,7 @@ from .config import QuantConfig
 
 # Kept 16-bit in every SD3.5 preset (x_embedder.proj is a Conv2d: listed so user-facing reports and the
 # sensitivity table name it, it never becomes FP8 anyway).
-SD35_BASE_PROTECTED = (
-    "x_embedder.*",
-    "t_embedder.*",
-    "y_embedder.*",
-    "context_embedder",
-    "final_layer.*",
-)
+SD35_BASE_PROTECTED = ("x_embedder.*", "t_embedder.*", "y_embedder.*", "context_embedder", "final_layer.*")
 # Non-Linear tensors of SD3 models stored in FP8 with scale 1.0 unless a user pattern protects them.
 UNIT_SCALE_TENSORS = ("pos_embed",)
 PRESET_PATTERNS: dict[str, tuple[str, ...]] = {
@@ -140,13 +134,6 @@ class ProtectionPolicy:
         return self.reasons.get(name, self.rule) if name in self.protected else None
 
 
-def _generic_protected(names: list[str]) -> set[str]:
-    keep = {n for n in names if any(k in n for k in GENERIC_KEYWORDS)}
-    if names:
-        keep |= {names[0], names[-1]}
-    return keep
-
-
 def resolve_policy(config: QuantConfig, shapes: Mapping[str, tuple[int, ...]], hint: str = "") -> ProtectionPolicy:
     """The protection set for one model: preset (or auto-detected) plus the user's patterns.
 
@@ -160,7 +147,8 @@ def resolve_policy(config: QuantConfig, shapes: Mapping[str, tuple[int, ...]], h
     preset = config.protect_preset
     if preset == "auto":
         if variant.name is None:
-            reasons = dict.fromkeys(_generic_protected(names), "generic rule: embedders, first and last layers")
+            generic = {n for n in names if any(k in n for k in GENERIC_KEYWORDS)} | set(names[:1] + names[-1:])
+            reasons = dict.fromkeys(generic, "generic rule: embedders, first and last layers")
             rule = (f"auto: generic rule (not an SD3 MMDiT): kept embedders, first and last Linear layers 16-bit "
                     f"({len(reasons)} layers)")
         else:

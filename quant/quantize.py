@@ -14,7 +14,7 @@ import torch
 from .budget import fit_budget
 from .config import QuantConfig
 from .linear import FP8Linear
-from .plan import FP8, UNIT_SCALE, Decision, Plan, apply, make_plan
+from .plan import FP8, UNIT_SCALE, Decision, apply, make_plan
 from .policy import ProtectionPolicy
 from .report import Report
 
@@ -26,14 +26,6 @@ def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def module_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in module_tensors(module).items()}
-
-
-def module_plan(module: torch.nn.Module, config: QuantConfig, policy: ProtectionPolicy | None = None,
-                hint: str = "") -> Plan:
-    tensors = module_tensors(module)
-    linears = {n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
-    return make_plan(config, {k: tuple(t.shape) for k, t in tensors.items()}, {k: t.dtype for k, t in tensors.items()},
-                     linears=linears, hint=hint, policy=policy)
 
 
 def _set(root: torch.nn.Module, name: str, new: torch.nn.Module | torch.Tensor) -> None:
@@ -51,9 +43,11 @@ def quantize(module: torch.nn.Module, config: QuantConfig | None = None, policy:
     `budget_itemsize`: bytes per element a memory budget counts the 16-bit tensors at (None: as they are)."""
     config = config or QuantConfig()
     target = module if inplace else copy.deepcopy(module)
-    plan = module_plan(target, config, policy, hint)
-    report = plan.new_report()
     tensors = module_tensors(target)  # as planned, and the sources a memory budget redoes layers from
+    linears = {n for n, m in target.named_modules() if isinstance(m, torch.nn.Linear)}
+    plan = make_plan(config, {k: tuple(t.shape) for k, t in tensors.items()}, {k: t.dtype for k, t in tensors.items()},
+                     linears=linears, hint=hint, policy=policy)
+    report = plan.new_report()
     tables = set(plan.keys(UNIT_SCALE))
     originals: dict[str, torch.nn.Module] = {}
     skip: set[str] = set()

@@ -42,12 +42,6 @@ def quanto_quantize_weight(weight: torch.Tensor, fp8_format: str, scaling: str,
     return qweight._data, qweight._scale.float(), relative_error(weight, qweight.dequantize())
 
 
-def dequantized_quanto_weight(layer: torch.nn.Module) -> torch.Tensor:
-    """The float weight a quanto QLinear actually multiplies with."""
-    weight = layer.qweight if hasattr(layer, "qweight") else layer.weight
-    return weight.dequantize() if hasattr(weight, "dequantize") else weight
-
-
 def _nbytes(t) -> int:
     parts = (t._data, t._scale) if hasattr(t, "_data") and hasattr(t, "_scale") else (t,)
     return sum(p.numel() * p.element_size() for p in parts)
@@ -69,7 +63,9 @@ def quantize_quanto(target: torch.nn.Module, plan: Plan, report: Report) -> set[
     for name, weight in before.items():
         layer = target.get_submodule(name)
         stored = getattr(layer.weight, "_data", layer.weight)
+        multiplied = layer.qweight if hasattr(layer, "qweight") else layer.weight  # what the QLinear multiplies with
+        multiplied = multiplied.dequantize() if hasattr(multiplied, "dequantize") else multiplied
         report.add(LayerReport(name, tuple(weight.shape), str(weight.dtype), str(stored.dtype),
                                weight.numel() * weight.element_size(), _nbytes(layer.weight),
-                               relative_error(weight, dequantized_quanto_weight(layer)), FP8))
+                               relative_error(weight, multiplied), FP8))
     return set(chosen.values())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 
 from .budget import format_bytes
@@ -79,16 +78,6 @@ class Report:
         """Bytes of the FP8 layers after quantization (weights + scales)."""
         return sum(layer.bytes_after for layer in self._of("fp8"))
 
-    @property
-    def max_rel_error(self) -> float:
-        errors = [layer.rel_error for layer in self._of("fp8") if layer.rel_error is not None]
-        return max(errors, default=0.0)
-
-    @property
-    def mean_rel_error(self) -> float:
-        errors = [layer.rel_error for layer in self._of("fp8") if layer.rel_error is not None]
-        return sum(errors) / len(errors) if errors else 0.0
-
     def summary(self) -> str:
         mb = 1024 * 1024
         already = f"{self.n_already_fp8} already fp8, " if self.n_already_fp8 else ""
@@ -96,13 +85,15 @@ class Report:
                 f"{self.bytes_before / mb:.1f} MB -> {self.bytes_after / mb:.1f} MB ({self.ratio:.3f}x)")
 
     def to_text(self, max_layers: int | None = None) -> str:
+        errors = [layer.rel_error for layer in self._of("fp8") if layer.rel_error is not None]
+        mean_error = sum(errors) / len(errors) if errors else 0.0
         lines = [
             f"rule: {self.rule}",
             f"format: {self.fp8_format} {self.scaling} (backend {self.backend})",
             f"layers: {self.summary()}",
             f"bytes: {self.bytes_before} -> {self.bytes_after}",
-            f"fp8 layers: {self.fp8_bytes} bytes, relative error mean {self.mean_rel_error:.4f} "
-            f"max {self.max_rel_error:.4f}",
+            f"fp8 layers: {self.fp8_bytes} bytes, relative error mean {mean_error:.4f} "
+            f"max {max(errors, default=0.0):.4f}",
         ]
         if self.budget is not None:
             b = self.budget
@@ -131,6 +122,3 @@ class Report:
             "n_protected": self.n_protected, "fp8_bytes": self.fp8_bytes, "budget": self.budget,
             "layers": [asdict(layer) for layer in self.layers],
         }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())

@@ -39,9 +39,11 @@ from .report import Report
 Progress = Callable[[int, int], None]
 
 
-def _declared_formats(metadata: Mapping[str, str], quant_entries: Mapping[str, bytes]) -> dict[str, str]:
-    """{layer: format} that a file declares: its `_quantization_metadata` header (values are dicts, or bare
-    strings as ComfyUI's QUANTIZATION.md shows them) and ComfyUI 0.8.0's per-layer `<layer>.comfy_quant` tensors."""
+def _refuse_unknown_formats(metadata: Mapping[str, str], quant_entries: Mapping[str, bytes]) -> None:
+    """Refuse, naming the layer, any layer a file declares in a format other than scaled FP8: packed formats are
+    never read as floats (that would re-quantize their bytes). Declared by its `_quantization_metadata` header
+    (values are dicts, or bare strings as ComfyUI's QUANTIZATION.md shows them) and ComfyUI 0.8.0's per-layer
+    `<layer>.comfy_quant` tensors."""
     declared: dict[str, str] = {}
     raw = metadata.get(QUANT_METADATA_KEY)
     if raw is not None:
@@ -55,11 +57,6 @@ def _declared_formats(metadata: Mapping[str, str], quant_entries: Mapping[str, b
             declared[layer] = str(json.loads(blob).get("format"))
         except (ValueError, AttributeError):
             raise ValueError(f"{layer}.comfy_quant is not a JSON quantization entry") from None
-    return declared
-
-
-def _refuse_unknown_formats(declared: Mapping[str, str]) -> None:
-    """Packed formats are never read as floats (that would re-quantize their bytes): refuse, naming the layer."""
     for layer, fmt in sorted(declared.items()):
         if fmt not in FP8_DTYPES:
             raise UnsupportedQuantFormat(
@@ -76,7 +73,7 @@ def _quantize_all(keys: list[str], shapes: Mapping[str, tuple[int, ...]], dtypes
     need be (scales, quantization entries, the layers a memory budget redoes), `keep` makes an output tensor safe
     to hold (the reader's scratch buffer is reused)."""
     entries = {k[: -len(QUANT_ENTRY_SUFFIX)]: peek(k).numpy().tobytes() for k in keys if k.endswith(QUANT_ENTRY_SUFFIX)}
-    _refuse_unknown_formats(_declared_formats(metadata, entries))
+    _refuse_unknown_formats(metadata, entries)
     chosen = choose_encoders("text_encoder_fp8", text_encoders or "none", LOADER_TEXT_ENCODER_CHOICES)
     plan = make_plan(config, shapes, dtypes, model_prefix=model_prefix, hint=hint,
                      text_encoders={e: f"{CHECKPOINT_TEXT_ENCODER_PREFIX}{e}." for e in chosen})
@@ -85,11 +82,11 @@ def _quantize_all(keys: list[str], shapes: Mapping[str, tuple[int, ...]], dtypes
     layer_formats: dict[str, str] = {}
 
     def store(key: str, decision: Decision, tensor: torch.Tensor) -> None:
-        scale_key = key.removesuffix(".weight") + ".weight_scale"
+        base = key.removesuffix(".weight")
+        scale_key = base + ".weight_scale"
         held_scale = None
         if decision.action == HELD:
-            held_scale = next((peek(key.removesuffix(".weight") + s) for s in (".weight_scale", ".scale_weight")
-                               if key.removesuffix(".weight") + s in shapes), None)
+            held_scale = next((peek(base + s) for s in (".weight_scale", ".scale_weight") if base + s in shapes), None)
         tensor, scale = apply(decision, tensor, config, report, held_scale)
         out[key] = keep(tensor)
         if scale is not None:
@@ -113,9 +110,8 @@ def _quantize_all(keys: list[str], shapes: Mapping[str, tuple[int, ...]], dtypes
 
 
 def quantize_safetensors_stream(path: str | os.PathLike, config: QuantConfig, *, header: dict | None = None,
-                                model_prefix: str = "",
-                                text_encoders: str | None = None, progress: Progress | None = None,
-                                hint: str = "", budget_itemsize: int | None = None,
+                                model_prefix: str = "", text_encoders: str | None = None,
+                                progress: Progress | None = None, hint: str = "", budget_itemsize: int | None = None,
                                 ) -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
     """Read `path` tensor by tensor and quantize the diffusion model's Linear weights (and, if asked, the
     text encoders'). Returns (state dict, {layer: format} for the FP8 layers of the model, Report).
@@ -185,17 +181,16 @@ class _TensorReader:
 
 
 def quantize_state_dict(sd: dict[str, torch.Tensor], config: QuantConfig, *, model_prefix: str = "",
-                        text_encoders: str | None = None, progress: Progress | None = None,
-                        hint: str = "", budget_itemsize: int | None = None,
-                        ) -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
+                        text_encoders: str | None = None, progress: Progress | None = None, hint: str = "",
+                        budget_itemsize: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
     """The in-memory twin of `quantize_safetensors_stream`. Consumes `sd` (pops each tensor once done)."""
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     dtypes = {k: v.dtype for k, v in sd.items()}
-    if config.memory_budget is not None:  # the budget may redo any layer from its 16-bit source: keep them all
-        result = _quantize_all(list(sd), shapes, dtypes, sd.__getitem__, sd.__getitem__, config, model_prefix,
-                               text_encoders, progress, hint, budget_itemsize=budget_itemsize)
+    keep_all = config.memory_budget is not None  # the budget may redo any layer from its 16-bit source: keep them all
+    scales = sd if keep_all else \
+        {k: v for k, v in sd.items() if k.endswith((".weight_scale", ".scale_weight", QUANT_ENTRY_SUFFIX))}
+    result = _quantize_all(list(sd), shapes, dtypes, sd.__getitem__ if keep_all else sd.pop, scales.__getitem__,
+                           config, model_prefix, text_encoders, progress, hint, budget_itemsize=budget_itemsize)
+    if keep_all:
         sd.clear()
-        return result
-    scales = {k: v for k, v in sd.items() if k.endswith((".weight_scale", ".scale_weight", QUANT_ENTRY_SUFFIX))}
-    return _quantize_all(list(sd), shapes, dtypes, sd.pop, scales.__getitem__, config, model_prefix,
-                         text_encoders, progress, hint)
+    return result
