@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 
 from .budget import format_bytes
@@ -122,3 +123,7 @@ class Report:
             "n_protected": self.n_protected, "fp8_bytes": self.fp8_bytes, "budget": self.budget,
             "layers": [asdict(layer) for layer in self.layers],
         }
+
+    def to_json(self) -> str:
+        """`to_dict()` as JSON, for scripts and other tools (shapes become lists)."""
+        return json.dumps(self.to_dict())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from mini_mmdit import MiniMMDiT
@@ -48,6 +50,8 @@ def test_report_totals_and_text():
     data = report.to_dict()
     assert data["n_fp8"] == report.n_fp8 and len(data["layers"]) == len(report.layers)
     assert sum(layer["bytes_before"] for layer in data["layers"]) == data["bytes_before"]
+    as_json = json.loads(report.to_json())
+    assert as_json["layers"][0]["shape"] == list(data["layers"][0]["shape"]) and as_json["ratio"] == data["ratio"]
 
 
 def test_quanto_backend_same_layers_and_close_outputs():
