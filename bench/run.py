@@ -17,7 +17,7 @@ from .common import RESULTS, boot_host, log, machine, now, setup_torch, versions
 from .goals import evaluate
 from .table import render
 
-SECTIONS = ("memory", "quantize", "load", "step", "fidelity", "sensitivity", "stock_path", "soak")
+SECTIONS = ("memory", "quantize", "load", "step", "fidelity", "sensitivity", "stock_path", "budget", "soak")
 MODULES = {"quantize": "throughput"}
 WEIGHTS_NOTE = ("random weights (no real SD3.5 weights can be downloaded here), drawn per tensor: 'gaussian' "
                 "N(0, 1/fan_in) and 'student_t' (heavy tails, 1% outlier input channels x8, uneven rows); "
@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="reduced sizes, under 5 minutes on 2 CPU cores")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json", help="results file")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other sections already in --out (rerun one section of a full run)")
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     if unknown := set(only) - set(SECTIONS):
@@ -38,8 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results: dict = {"mode": "quick" if args.quick else "full", "date": now(), "machine": machine(),
                      **versions(), "weights": WEIGHTS_NOTE, "seconds": {}}
+    if args.update and args.out.exists():
+        kept = json.loads(args.out.read_text())
+        if kept.get("mode") != results["mode"]:
+            parser.error(f"--update: {args.out} holds a {kept.get('mode')} run, this is a {results['mode']} one")
+        results = {**kept, "updated": {name: now() for name in only}}
     failed = []
-    start = time.perf_counter()
     for name in only:
         t0 = time.perf_counter()
         log(f"section {name}")
@@ -54,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(name)
                 log(f"section {name} FAILED:\n{results[name]['error']}")
         results["seconds"][name] = round(time.perf_counter() - t0, 1)
-        results["seconds"]["total"] = round(time.perf_counter() - start, 1)
+        results["seconds"]["total"] = round(sum(v for k, v in results["seconds"].items() if k != "total"), 1)
         results["goals"] = evaluate(results)
         args.out.write_text(json.dumps(results, indent=1, default=str))
     print(render(results), flush=True)

@@ -115,6 +115,25 @@ def stock_path(r: dict) -> list[str]:
                   f"file; {r['weights']} weights)", ["path", *heads], rows)
 
 
+def budget(b: dict) -> list[str]:
+    lines = []
+    for variant in ("sd35_medium", "sd35_large"):
+        r = b[variant]
+        full = r["sixteen_bit_bytes"]
+        rows = [[f"planner at {p['budget'] / full:.3f}", _f(p["bytes"] / full), _f(p["predicted"], ".4f"),
+                 _f(p["measured"], ".4f"), "-"] for p in r["planner"]]
+        rows += [[name, _f(p["bytes"] / full), "-", _f(p["measured"], ".4f"), _f(p["planner_measured"], ".4f")]
+                 for name, p in r["presets"].items()]
+        lines += _table(f"### 8. Memory budget, {variant} (depth {r['depth']}, full width, {r['pixels']}px; bytes / "
+                        "16-bit bytes)", ["budget or preset", "bytes", "predicted err", "measured err",
+                                          "planner at the preset's bytes"], rows) + [""]
+    rows = [[v, f"{row['budget_gib']:.2f}", _f(row["greedy"], ".4f"), _f(row["optimum"], ".4f"),
+             _f(row["ratio"], ".4f")] for v, rows_ in b["greedy_vs_optimum"].items() for row in rows_]
+    return lines + _table("Greedy vs exact optimum (full-size layer lists, predicted error)",
+                          ["model", "budget GiB", "greedy", "optimum", "greedy / optimum"], rows) + \
+        ["", f"![memory budget]({b['plot']})"]
+
+
 def soak_table(s: dict) -> list[str]:
     rows = [[s["n_prompts"], s["warmup"], _f(s["rss_growth_ratio"], ".4f"), s["tensor_growth"],
              _f(s["tensor_mb_growth"], ".2f"), _f(s["seconds_per_prompt_median"], ".2f"), s["failed"],
@@ -131,7 +150,7 @@ def goals(g: dict) -> list[str]:
 
 
 RENDER = {"memory": memory, "quantize": quantize, "load": load, "step": step, "fidelity": fidelity,
-          "sensitivity": sensitivity, "stock_path": stock_path, "soak": soak_table}
+          "sensitivity": sensitivity, "stock_path": stock_path, "budget": budget, "soak": soak_table}
 
 
 def render(results: dict) -> str:
