@@ -64,13 +64,15 @@ def auto_budget(free: int, sampling: int, where: str) -> int:
     return budget
 
 
+FACTORS = {g: v["output_rel_err"] ** 2 / v["weight_err_sq_sum"] for g, v in SENSITIVITY["groups"].items()}
+
+
 def group_factor(name: str) -> tuple[str, float]:
     """(sensitivity group, factor) of a layer; layers in no measured group get the largest factor (cautious)."""
-    factors = {g: v["output_rel_err"] ** 2 / v["weight_err_sq_sum"] for g, v in SENSITIVITY["groups"].items()}
     for group, entry in SENSITIVITY["groups"].items():
         if any(fnmatch.fnmatchcase(name, glob) for glob in entry["globs"]):
-            return group, factors[group]
-    return "unmeasured", max(factors.values())
+            return group, FACTORS[group]
+    return "unmeasured", max(FACTORS.values())
 
 
 @dataclass
