@@ -86,14 +86,20 @@ def fidelity(f: dict) -> list[str]:
 
 
 def sensitivity(s: dict) -> list[str]:
-    kinds = [k for k in ("student_t", "gaussian") if k in s]
-    header = ["group (only it in FP8)", "layers", "share of Medium",
-              *(h for k in kinds for h in (f"rel. err ({k})", f"err per % saved ({k})"))]
-    rows = [[group, "-" if r["layers"] is None else r["layers"], _f(r["share_of_model"], ".2%"),
-             *(_f(s[k][group].get(e), ".4f") for k in kinds for e in ("rel_err", "err_per_pct_saved"))]
-            for group, r in s[kinds[0]].items()]
-    return _table(f"### 6. Sensitivity (Medium depth {s['depth']}, full width, {s['pixels']}px; pos_embed: the "
-                  "stored FP8 table; x_embedder: a Conv2d, emulated)", header, rows)
+    lines = []
+    for variant in (v for v in ("sd35_medium", "sd35_large") if v in s):
+        r = s[variant]
+        kinds = [k for k in ("student_t", "gaussian") if k in r]
+        header = ["group in FP8 (only it, or the preset's with one group 16-bit)", "layers", "share of the model",
+                  *(h for k in kinds for h in (f"rel. err ({k})", f"err per % saved ({k})"))]
+        rows = [[group, "-" if row["layers"] is None else row["layers"], _f(row["share_of_model"], ".2%"),
+                 *(_f(r[k][group].get(e), ".4f") for k in kinds for e in ("rel_err", "err_per_pct_saved"))]
+                for group, row in r[kinds[0]].items()]
+        lines += _table(f"### 6. Sensitivity, {variant} (depth {s['depth']}, full width, {s['pixels']}px; pos_embed: "
+                        "the stored FP8 table; x_embedder: a Conv2d, emulated)", header, rows)
+        lines += ["", "Memory-budget factors (output err^2 per layer err^2; quant/sensitivity.json): " +
+                  ", ".join(f"{g} {f:.3g}" for g, f in r["factors"].items()), ""]
+    return lines
 
 
 STOCK_PATH_LABELS = {
@@ -121,12 +127,13 @@ def budget(b: dict) -> list[str]:
         r = b[variant]
         full = r["sixteen_bit_bytes"]
         rows = [[f"planner at {p['budget'] / full:.3f}", _f(p["bytes"] / full), _f(p["predicted"], ".4f"),
-                 _f(p["measured"], ".4f"), "-"] for p in r["planner"]]
-        rows += [[name, _f(p["bytes"] / full), "-", _f(p["measured"], ".4f"), _f(p["planner_measured"], ".4f")]
-                 for name, p in r["presets"].items()]
+                 _f(p["measured"], ".4f"), "-", "-"] for p in r["planner"]]
+        rows += [[name, _f(p["bytes"] / full), "-", _f(p["measured"], ".4f"), _f(p["planner_measured"], ".4f"),
+                  _f(p.get("planner_worst_at_or_above"), ".4f")] for name, p in r["presets"].items()]
         lines += _table(f"### 8. Memory budget, {variant} (depth {r['depth']}, full width, {r['pixels']}px; bytes / "
                         "16-bit bytes)", ["budget or preset", "bytes", "predicted err", "measured err",
-                                          "planner at the preset's bytes"], rows) + [""]
+                                          "planner at the preset's bytes",
+                                          "planner, worst at those bytes or more"], rows) + [""]
     rows = [[v, f"{row['budget_gib']:.2f}", _f(row["greedy"], ".4f"), _f(row["optimum"], ".4f"),
              _f(row["ratio"], ".4f")] for v, rows_ in b["greedy_vs_optimum"].items() for row in rows_]
     return lines + _table("Greedy vs exact optimum (full-size layer lists, predicted error)",

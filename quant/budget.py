@@ -64,15 +64,21 @@ def auto_budget(free: int, sampling: int, where: str) -> int:
     return budget
 
 
-FACTORS = {g: v["output_rel_err"] ** 2 / v["weight_err_sq_sum"] for g, v in SENSITIVITY["groups"].items()}
+# Factors per variant as measured; Large Turbo has Large's shapes; a model of no measured variant gets the largest
+# factor of each group (cautious).
+_TABLES = SENSITIVITY["factors"]
+_VARIANT_TABLE = {"sd35_large_turbo": "sd35_large"}
+_CAUTIOUS = {g: max(t[g] for t in _TABLES.values()) for g in SENSITIVITY["globs"]}
 
 
-def group_factor(name: str) -> tuple[str, float]:
-    """(sensitivity group, factor) of a layer; layers in no measured group get the largest factor (cautious)."""
-    for group, entry in SENSITIVITY["groups"].items():
-        if any(fnmatch.fnmatchcase(name, glob) for glob in entry["globs"]):
-            return group, FACTORS[group]
-    return "unmeasured", max(FACTORS.values())
+def group_factor(name: str, variant: str | None) -> tuple[str, float]:
+    """(sensitivity group, factor) of a layer of a model of `variant`; layers in no measured group get the table's
+    largest factor (cautious)."""
+    table = _TABLES.get(_VARIANT_TABLE.get(variant, variant), _CAUTIOUS)
+    for group, globs in SENSITIVITY["globs"].items():
+        if any(fnmatch.fnmatchcase(name, glob) for glob in globs):
+            return group, table[group]
+    return "unmeasured", max(table.values())
 
 
 @dataclass
@@ -83,13 +89,14 @@ class Candidate:
     bytes_16: int
     weight_err: float | None  # None: not quantized yet (a preset-protected layer), measured if needed
     preset: bool  # the preset keeps it 16-bit
+    factor: float  # its group's sensitivity factor (group_factor)
 
     @property
     def extra_bytes(self) -> int:
         return max(self.bytes_16 - self.bytes_fp8, 1)
 
     def cost(self) -> float:
-        return group_factor(self.name)[1] * (self.weight_err or 0.0) ** 2
+        return self.factor * (self.weight_err or 0.0) ** 2
 
 
 @dataclass
@@ -154,16 +161,18 @@ def fit_budget(plan, report, budget: int, source: Callable[[str], torch.Tensor],
         return row.bytes_before if itemsize is None else math.prod(row.shape) * itemsize
 
     candidates, fixed = [], 0
+    variant = plan.policy.variant.name
     for key, decision in plan.decisions.items():
         row = rows.get(decision.layer) if decision.in_model else None
         if row is None:
             continue
         if decision.action in (FP8, UNIT_SCALE) and row.action == "fp8":
-            candidates.append(Candidate(key, decision.layer, row.bytes_after, wide(row), row.rel_error, False))
+            candidates.append(Candidate(key, decision.layer, row.bytes_after, wide(row), row.rel_error, False,
+                                        group_factor(decision.layer, variant)[1]))
         elif decision.action == PROTECTED and decision.rule.startswith(("preset ", "generic rule")):
             rows_out = row.shape[0] if plan.config.scaling == "per_channel" else 1
             candidates.append(Candidate(key, decision.layer, math.prod(row.shape) + 4 * rows_out, wide(row), None,
-                                        True))
+                                        True, group_factor(decision.layer, variant)[1]))
         else:
             fixed += held_bytes(row, itemsize)
     config = plan.config
@@ -177,7 +186,8 @@ def fit_budget(plan, report, budget: int, source: Callable[[str], torch.Tensor],
     report.layers = [row for row in report.layers if row.name not in names]
     report.budget = {"budget_bytes": budget, "bytes": result.bytes, "predicted_error": result.predicted_error,
                      "kept_16bit": sorted(c.name for c in candidates if not c.preset and c.key in result.sixteen_bit),
-                     "demoted": result.demoted, "sensitivity": SENSITIVITY["source"]}
+                     "demoted": result.demoted,
+                     "sensitivity": f"{variant or 'no measured variant: largest'} factors; {SENSITIVITY['source']}"}
     if result.demoted:
         report.warnings.append(f"memory budget: {len(result.demoted)} layer(s) the preset keeps 16-bit are FP8 to fit "
                                f"({', '.join(result.demoted[:8])}{', ...' if len(result.demoted) > 8 else ''})")

@@ -12,7 +12,7 @@ from mini_mmdit import MiniMMDiT
 from safetensors.torch import load_file
 
 from quant import QuantConfig, quantize
-from quant.budget import GIB, BudgetTooSmall, Candidate, fit, parse_budget
+from quant.budget import GIB, SENSITIVITY, BudgetTooSmall, Candidate, fit, group_factor, parse_budget
 from quant.streaming import quantize_safetensors_stream, quantize_state_dict
 
 PREFIX = "model.diffusion_model."
@@ -85,7 +85,8 @@ def test_greedy_is_within_a_few_percent_of_the_exact_optimum():
     names = ["joint_blocks.0.x_block.mlp.fc1", "joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.x_block.attn.proj",
              "joint_blocks.0.x_block.adaLN_modulation.1"] * 3
     def candidates():
-        return [Candidate(str(i), names[i], s, 2 * s, e, False) for i, (s, e) in enumerate(zip(sizes, errors))]
+        return [Candidate(str(i), names[i], s, 2 * s, e, False, group_factor(names[i], "sd35_large")[1])
+                for i, (s, e) in enumerate(zip(sizes, errors))]
 
     fixed = 5000
     for share in (0.2, 0.4, 0.6):
@@ -119,3 +120,14 @@ def test_file_and_state_dict_drivers_agree_and_keep_budget_layers_bit_exact(fixt
         assert PREFIX + name + ".weight_scale" not in streamed
     sizes = sum(t.numel() * t.element_size() for k, t in streamed.items() if k.startswith(PREFIX))
     assert sizes == report.bytes_after
+
+
+def test_sensitivity_factors_are_per_variant_and_cautious_for_unknown_models():
+    tables = SENSITIVITY["factors"]
+    assert set(tables) == {"sd35_medium", "sd35_large"} and all(f > 0 for t in tables.values() for f in t.values())
+    qkv = "joint_blocks.3.x_block.attn.qkv"
+    for variant in tables:
+        assert group_factor(qkv, variant) == ("qkv", tables[variant]["qkv"])
+    assert group_factor(qkv, "sd35_large_turbo") == group_factor(qkv, "sd35_large")  # the same shapes
+    assert group_factor(qkv, None)[1] == max(t["qkv"] for t in tables.values())
+    assert group_factor("some.other.layer", "sd35_medium") == ("unmeasured", max(tables["sd35_medium"].values()))
