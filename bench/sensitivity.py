@@ -132,7 +132,7 @@ def factors(rows: dict) -> dict[str, float]:
 
 
 def run(quick: bool) -> dict:
-    depth, pixels = (3, 256) if quick else (6, 512)
+    depth, pixels = (3, 256) if quick else (4, 384)
     out = {"depth": depth, "pixels": pixels, "share_basis": "the full-size variant's 16-bit bytes"}
     for variant, kinds in VARIANTS.items():
         out[variant] = {kind: _one_kind(variant, kind, depth, pixels) for kind in (kinds[:1] if quick else kinds)}
@@ -144,8 +144,8 @@ def write_factors(results: Path = RESULTS / "latest.json") -> Path:
     """quant/sensitivity.json from the sensitivity section of `results` (what the memory budget's planner reads)."""
     data = json.loads(results.read_text())
     s = data["sensitivity"]
-    table = {"source": f"python -m bench.run, section 6 (bench/sensitivity.py), {data['mode']} run of "
-                       f"{data.get('updated', {}).get('sensitivity', data['date'])} on {data['machine']['cpu']}: "
+    when = data.get("updated", {}).get("sensitivity", f"{data['date']} on {data['machine']['cpu']}")
+    table = {"source": f"python -m bench.run, section 6 (bench/sensitivity.py), {data['mode']} run of {when}: "
                        f"depth {s['depth']}, full width, {s['pixels']}px, student_t weights, e4m3 per-channel. "
                        "Refresh: python -m bench.run --only sensitivity --update, then python -m bench.sensitivity",
              "model": "output_err^2 ~ sum over FP8 layers of factor(variant, group) * layer_weight_err^2 "
