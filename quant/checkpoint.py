@@ -64,14 +64,14 @@ def check_safetensors(path: str | os.PathLike, input_name: str = "file") -> dict
         if len(head) < 8:
             raise ValueError(f"{input_name}: {name} is empty or truncated ({size} bytes); re-download it")
         (length,) = struct.unpack("<Q", head)
+        too_long = length > min(_MAX_HEADER, size - 8)
         # A header length can start with the pickle/zip magic bytes (e.g. 128 = b"\x80\0..."): only a file
         # that is not plausibly safetensors is called a pickle.
-        plausible = length <= min(_MAX_HEADER, size - 8) and f.read(1) == b"{"
-        if not plausible and (head[:1] == b"\x80" or head[:2] == b"PK"):
+        if (too_long or f.read(1) != b"{") and (head[:1] == b"\x80" or head[:2] == b"PK"):
             raise UnsafeFileError(f"{input_name}: {name} is a pickle/zip (torch.save) file, not safetensors; this "
                                   "pack never unpickles model files. Use a .safetensors version of the model.")
         f.seek(8)
-        if length > min(_MAX_HEADER, size - 8):
+        if too_long:
             raise ValueError(f"{input_name}: {name} is not a valid safetensors file (header length {length} for a "
                              f"{size}-byte file): it is truncated or corrupt; re-download it")
         try:
