@@ -185,12 +185,11 @@ def save_quantized(path: str | os.PathLike, sd: dict[str, torch.Tensor], layer_f
             raise ValueError(f"layer {layer} is listed as FP8 but {layer}.weight/.weight_scale are missing")
     header = {str(k): str(v) for k, v in (metadata or {}).items()}
     header[QUANT_METADATA_KEY] = quantization_metadata(layer_formats, model_prefix)
-    tensors = {k: v.contiguous() for k, v in sd.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=header)
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=header)
         if overwrite:
             os.replace(tmp, path)
         else:
