@@ -24,9 +24,7 @@ from .weights import sincos_pos_embed
 def _fp8_keys(shapes: dict[str, tuple[int, ...]]) -> tuple[set[str], frozenset[str]]:
     """Keys our default preset (auto) stores in FP8: Linear weights, and tables (pos_embed) with scale 1.0."""
     policy = resolve_policy(QuantConfig(), shapes)
-    weights = {k for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2
-               and policy.should_quantize(k[: -len(".weight")], s)}
-    return weights, policy.unit_scale
+    return {k for k, s in shapes.items() if k.endswith(".weight") and policy.should_quantize(k, s)}, policy.unit_scale
 
 
 def arithmetic(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:

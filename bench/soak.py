@@ -119,8 +119,7 @@ def _run_one(url: str, prompt: dict, timeout: float = 300) -> str:
 
 
 def run(n_prompts: int = 50, warmup: int = 5, comfy_dir: str | Path | None = None,
-        checkpoint: str | Path | None = None, transformer: str | Path | None = None,
-        extra_args: tuple[str, ...] = (), log=None) -> dict:
+        checkpoint: str | Path | None = None, transformer: str | Path | None = None, log=None) -> dict:
     """Soak one server with `n_prompts` quantize + sample prompts; returns the per-prompt series and ratios."""
     comfy_dir = Path(comfy_dir) if comfy_dir else comfy_host.materialise(CACHE)
     if checkpoint is None or transformer is None:  # the tiny SD3.5 Large fixtures, built if missing
@@ -136,7 +135,7 @@ def run(n_prompts: int = 50, warmup: int = 5, comfy_dir: str | Path | None = Non
         probe = base / "custom_nodes" / "sd35_fp8_soak_probe"
         probe.mkdir()
         (probe / "__init__.py").write_text(PROBE_SOURCE)
-        server = comfy_host.ServerProcess(comfy_dir, base, Path(tmp) / "server.log", extra_args=extra_args).start()
+        server = comfy_host.ServerProcess(comfy_dir, base, Path(tmp) / "server.log").start()
         try:
             process = psutil.Process(server.proc.pid)
             rss, tensors, tensor_bytes, seconds, statuses = [], [], [], [], []

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import types
 
 import torch
 
@@ -66,8 +67,6 @@ def _stock_model(sd16: dict, variant: str, depth: int | None, full_precision: bo
     `.comfy_quant` entries, its `pick_operations` picks the mixed-precision ops for this device, and those ops
     load the layers. (The model is built directly rather than by `load_diffusion_model_state_dict`: its detection
     reads the depth off the width and would expect every block of a reduced-depth model.)"""
-    import types
-
     import comfy.ops
     import comfy.utils
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT

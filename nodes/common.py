@@ -47,16 +47,12 @@ def record_info(model, source: str, report: Report) -> None:
                                      "scaling": report.scaling, "report": report.to_dict()}
 
 
-FP8_FORMATS = ["float8_e4m3fn", "float8_e5m2"]
-FP8_FORMAT_TOOLTIP = ("FP8 storage format. e4m3fn (default): more precision, range +-448 before scaling. "
-                      "e5m2: more range, less precision; rarely better for weights.")
-
-
 def fp8_format_input(with_disabled: bool = False) -> io.Combo.Input:
-    if with_disabled:
-        return io.Combo.Input("fp8_format", options=[*FP8_FORMATS, "disabled"], default="float8_e4m3fn",
-                              tooltip=FP8_FORMAT_TOOLTIP + " disabled: load the model as stored (no FP8).")
-    return io.Combo.Input("fp8_format", options=FP8_FORMATS, default="float8_e4m3fn", tooltip=FP8_FORMAT_TOOLTIP)
+    disabled = ["disabled"] if with_disabled else []
+    return io.Combo.Input("fp8_format", options=["float8_e4m3fn", "float8_e5m2", *disabled], default="float8_e4m3fn",
+                          tooltip="FP8 storage format. e4m3fn (default): more precision, range +-448 before scaling. "
+                                  "e5m2: more range, less precision; rarely better for weights."
+                                  + (" disabled: load the model as stored (no FP8)." if with_disabled else ""))
 
 
 def scaling_input() -> io.Combo.Input:

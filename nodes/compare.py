@@ -31,5 +31,4 @@ class SD35FP8CompareImages(PackNode):
     @classmethod
     def execute(cls, image_a, image_b) -> io.NodeOutput:
         result = compare_images(image_a, image_b)
-        diff = difference_image(image_a, image_b)
-        return io.NodeOutput(float(result["ssim"]), float(result["psnr"]), diff, report_text(result))
+        return io.NodeOutput(result["ssim"], result["psnr"], difference_image(image_a, image_b), report_text(result))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import comfy.model_management
 import torch
 from comfy_api.v0_0_2 import io
 
@@ -43,8 +44,6 @@ class SD35FP8HardwareInfo(PackNode):
     @classmethod
     def execute(cls, device="auto") -> io.NodeOutput:
         if device.strip() == "auto":
-            import comfy.model_management
-
             device = str(comfy.model_management.get_torch_device())
         cap = probe_device(device.strip())
         return io.NodeOutput(cap.to_text(), cap.fp8_matmul, cap.recommended_compute, int(cap.memory_mb))

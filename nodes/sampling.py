@@ -108,13 +108,11 @@ class SD35FP8Sampler(PackNode):
 
         import nodes
 
+        if preset != "custom" and preset not in SAMPLER_PRESETS:
+            raise ValueError(f"preset: {preset!r} is not one of {['custom', *SAMPLER_PRESETS]}")
         settings = {"steps": steps, "cfg": cfg, "sampler_name": sampler_name, "scheduler": scheduler, "shift": shift,
                     "skip_layers": skip_layers, "skip_scale": skip_scale, "skip_start": skip_start,
-                    "skip_end": skip_end}
-        if preset != "custom":
-            if preset not in SAMPLER_PRESETS:
-                raise ValueError(f"preset: {preset!r} is not one of {['custom', *SAMPLER_PRESETS]}")
-            settings.update(SAMPLER_PRESETS[preset])
+                    "skip_end": skip_end, **SAMPLER_PRESETS.get(preset, {})}
         if settings["skip_start"] >= settings["skip_end"] and settings["skip_layers"].strip():
             raise ValueError(f"skip_start ({settings['skip_start']}) must be below skip_end ({settings['skip_end']})")
         layers = parse_skip_layers(settings["skip_layers"])

@@ -24,12 +24,6 @@ from .common import CATEGORY, INFO_KEY, PACK_VERSION, PackNode
 from .host_fp8 import fp8_weight, is_linear
 
 
-def _sixteen_bit(tensor: torch.Tensor) -> torch.Tensor:
-    """16-bit like the official files (--cpu upcasts on load); an unscaled float8 tensor (a legacy file's bias,
-    a cast model's norm) widens exactly."""
-    return tensor.to(torch.float16) if tensor.dtype == torch.float32 or is_fp8(tensor) else tensor
-
-
 def fp8_state_dict(model, layout: str = "stock_compatible") -> tuple[dict, dict[str, str], list[str]]:
     """The diffusion model's tensors in the native layout, with LoRA/patches merged as ComfyUI's ModelSave does."""
     comfy.model_management.load_models_gpu([model], force_patch_weights=True)
@@ -46,9 +40,11 @@ def fp8_state_dict(model, layout: str = "stock_compatible") -> tuple[dict, dict[
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if tensor is None or (held is not None and (name == "weight" or ("." + name).endswith(SCALE_SUFFIXES))):
                 continue
-            key = prefix + name
+            # 16-bit like the official files (--cpu upcasts on load); an unscaled float8 tensor (a legacy file's
+            # bias, a cast model's norm) widens exactly; a unit-scale table (pos_embed) stays FP8
             tensor = tensor.detach().cpu()
-            sd[key] = tensor if key in UNIT_SCALE_TENSORS and is_fp8(tensor) else _sixteen_bit(tensor)
+            widen = tensor.dtype == torch.float32 or (is_fp8(tensor) and prefix + name not in UNIT_SCALE_TENSORS)
+            sd[prefix + name] = tensor.to(torch.float16) if widen else tensor
     if layout == "stock_compatible":
         rewritten = to_stock_layout(sd, layer_formats)
         notes = [f"stock_compatible: per-tensor float8_e4m3fn ({rewritten} layer(s) re-scaled)"]
@@ -98,7 +94,7 @@ class SD35FP8SaveModel(PackNode):
         if not layer_formats:
             raise ValueError("model: this model has no FP8 layers; quantize it first (Quantize Model to FP8) "
                              "or save it with ComfyUI's ModelSave")
-        info = dict(model.model_options.get(INFO_KEY, {}))
+        info = model.model_options.get(INFO_KEY, {})
         metadata = {
             "sd35_fp8.pack_version": PACK_VERSION,
             "sd35_fp8.layout": layout,

@@ -64,14 +64,14 @@ def check_safetensors(path: str | os.PathLike, input_name: str = "file") -> dict
         if len(head) < 8:
             raise ValueError(f"{input_name}: {name} is empty or truncated ({size} bytes); re-download it")
         (length,) = struct.unpack("<Q", head)
+        too_long = length > min(_MAX_HEADER, size - 8)
         # A header length can start with the pickle/zip magic bytes (e.g. 128 = b"\x80\0..."): only a file
         # that is not plausibly safetensors is called a pickle.
-        plausible = length <= min(_MAX_HEADER, size - 8) and f.read(1) == b"{"
-        if not plausible and (head[:1] == b"\x80" or head[:2] == b"PK"):
+        if (too_long or f.read(1) != b"{") and (head[:1] == b"\x80" or head[:2] == b"PK"):
             raise UnsafeFileError(f"{input_name}: {name} is a pickle/zip (torch.save) file, not safetensors; this "
                                   "pack never unpickles model files. Use a .safetensors version of the model.")
         f.seek(8)
-        if length > min(_MAX_HEADER, size - 8):
+        if too_long:
             raise ValueError(f"{input_name}: {name} is not a valid safetensors file (header length {length} for a "
                              f"{size}-byte file): it is truncated or corrupt; re-download it")
         try:
@@ -185,12 +185,11 @@ def save_quantized(path: str | os.PathLike, sd: dict[str, torch.Tensor], layer_f
             raise ValueError(f"layer {layer} is listed as FP8 but {layer}.weight/.weight_scale are missing")
     header = {str(k): str(v) for k, v in (metadata or {}).items()}
     header[QUANT_METADATA_KEY] = quantization_metadata(layer_formats, model_prefix)
-    tensors = {k: v.contiguous() for k, v in sd.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=header)
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=header)
         if overwrite:
             os.replace(tmp, path)
         else:

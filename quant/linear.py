@@ -53,7 +53,7 @@ def fp8_matmul_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         if problem not in _noted:
             _noted.add(problem)
             logging.getLogger(__name__).info("fp8_matmul: falling back to weight_only where %s", problem)
-        return weight_only_linear(x, weight, scale, bias)
+        return scaled_linear(x, weight, scale, bias)  # weight_only
     # per-token scales: the reduction is float32, the scaled copy stays in the activation's dtype
     inv = x2d.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-12).reciprocal_().mul_(_E4M3_MAX)
     x_scale = inv.reciprocal()
@@ -67,18 +67,12 @@ def fp8_matmul_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     return out.reshape(*x.shape[:-1], -1)
 
 
-def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                       bias: torch.Tensor | None) -> torch.Tensor:
-    w = dequantize_weight(weight, scale, x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
-
-
 def scaled_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-               compute: str = "weight_only") -> torch.Tensor:
+                  compute: str = "weight_only") -> torch.Tensor:
     """The functional form both FP8Linear and ComfyUI's FP8 ops call. `compute` is already resolved."""
     if compute == "fp8_matmul":
         return fp8_matmul_linear(x, weight, scale, bias)
-    return weight_only_linear(x, weight, scale, bias)
+    return F.linear(x, dequantize_weight(weight, scale, x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 class FP8LinearMixin:

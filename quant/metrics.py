@@ -16,13 +16,13 @@ import torch.nn.functional as F
 
 SIGMA = 1.5
 TRUNCATE = 3.5
+RADIUS = int(TRUNCATE * SIGMA + 0.5)  # of the window: 11x11 pixels
 K1, K2 = 0.01, 0.03
 DIFF_GAIN = 4.0
 
 
-def _gaussian_kernel(dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    radius = int(TRUNCATE * SIGMA + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=dtype)
+def _gaussian_kernel() -> torch.Tensor:
+    x = torch.arange(-RADIUS, RADIUS + 1, dtype=torch.float64)
     k = torch.exp(-0.5 * (x / SIGMA) ** 2)
     return k / k.sum()
 
@@ -38,7 +38,7 @@ def check_same_size(image_a: torch.Tensor, image_b: torch.Tensor) -> None:
     if image_a.shape[1:] != image_b.shape[1:]:
         raise ValueError(f"image_a is {_size(image_a)} but image_b is {_size(image_b)}: compare images of the "
                          "same size (same latent width/height, or resize one with ImageScale)")
-    window = 2 * int(TRUNCATE * SIGMA + 0.5) + 1
+    window = 2 * RADIUS + 1
     if min(image_a.shape[1], image_a.shape[2]) < window:
         raise ValueError(f"image_a/image_b: SSIM needs images of at least {window}x{window} pixels, "
                          f"got {_size(image_a)}")

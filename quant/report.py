@@ -103,8 +103,7 @@ class Report:
                          f"predicted output error {b['predicted_error']:.4f}")
         lines += [f"warning: {w}" for w in self.warnings]
         lines.append("name | shape | before -> after | bytes | rel_error | action")
-        listed = [layer for layer in self.layers
-                  if layer.action in ("fp8", "protected") or _already_fp8(layer)]
+        listed = [layer for layer in self.layers if layer.action in ("fp8", "protected") or _already_fp8(layer)]
         for layer in listed[:max_layers]:
             err = f"{layer.rel_error:.4f}" if layer.rel_error is not None else "-"
             shape = "x".join(str(d) for d in layer.shape)

@@ -25,8 +25,7 @@ from pathlib import Path
 _booted: dict = {}
 
 
-def boot(comfy_dir: str | Path, base_dir: str | Path | None = None, extra_args: tuple[str, ...] = (),
-         cpu: bool = True) -> None:
+def boot(comfy_dir: str | Path, base_dir: str | Path | None = None, cpu: bool = True) -> None:
     """Make `comfy`, `nodes`, `execution`, ... importable, running on the CPU (`cpu=False`: on the GPU).
 
     In FP8-device mode (COMFY_FP8_DEVICE=1) the host also gets --supports-fp8-compute.
@@ -35,7 +34,7 @@ def boot(comfy_dir: str | Path, base_dir: str | Path | None = None, extra_args: 
     """
     comfy_dir = str(Path(comfy_dir).resolve())
     args = ["main.py", *(("--cpu",) if cpu else ()), *(("--base-directory", str(base_dir)) if base_dir else ()),
-            *host_args(), *extra_args]
+            *host_args()]
     if _booted:
         if _booted != {"comfy_dir": comfy_dir, "args": args}:
             raise RuntimeError(f"ComfyUI already booted with {_booted}; cannot re-boot with {args}")
@@ -60,7 +59,7 @@ def boot(comfy_dir: str | Path, base_dir: str | Path | None = None, extra_args: 
 # --------------------------------------------------------------------------- host folders
 
 # The ComfyUI versions the pack is tested on. `COMFY_HOST` picks one (default: the first); `COMFY_FP8_DEVICE=1`
-# boots it with --supports-fp8-compute, so it takes the decisions it takes on an FP8 GPU (docs/TESTING.md).
+# boots it with --supports-fp8-compute, so it takes the decisions it takes on an FP8 GPU (docs/HOSTS.md).
 HOSTS = ("0.3.75", "0.8.0")
 # ComfyUI 0.8.0 is not on a package registry: its release source tree comes as a tarball, checked by hash.
 # COMFYUI_HOSTS_DIR names the folder holding it (default: ../shared/hosts beside this repository).
@@ -213,15 +212,12 @@ def load_nodes(pack_name: str = "sd35_fp8") -> dict:
 
 
 class _QuietServer:
-    """What PromptExecutor needs from the server when there is no web client."""
+    """What PromptExecutor needs from the server when there is no web client: its messages go nowhere."""
 
     client_id = last_node_id = last_prompt_id = None
 
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, dict]] = []
-
     def send_sync(self, event: str, data: dict, sid=None) -> None:
-        self.messages.append((event, data))
+        pass
 
     def queue_updated(self) -> None:
         pass
@@ -242,8 +238,7 @@ class PromptRunner:
     def __init__(self) -> None:
         import execution
 
-        self.server = _QuietServer()
-        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
+        self.executor = execution.PromptExecutor(_QuietServer(), cache_type=execution.CacheType.CLASSIC,
                                                  cache_args={"lru": 0, "ram": 0})
         self._count = 0
 
@@ -260,11 +255,10 @@ class PromptRunner:
         """Execute; return {node_id: ui output}. Raises PromptError with the node's exception text."""
         outputs = self.validate(prompt)
         self._count += 1
-        self.server.messages.clear()
         self.executor.execute(prompt, f"test-{self._count}", {}, outputs)
         if not self.executor.success:
-            errors = [d for e, d in self.executor.status_messages if e in ("execution_error", "execution_interrupted")]
-            detail = errors[0] if errors else {}
+            detail = next((d for e, d in self.executor.status_messages
+                           if e in ("execution_error", "execution_interrupted")), {})
             raise PromptError(f"{detail.get('node_type')}: {detail.get('exception_message', detail)}", detail)
         return self.executor.history_result["outputs"]
 
@@ -278,22 +272,16 @@ class PromptRunner:
 
 # --------------------------------------------------------------------------- HTTP server
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServerProcess:
-    """The real ComfyUI HTTP server (main.py) in a subprocess on a loopback port."""
+    """The real ComfyUI HTTP server (main.py) in a subprocess on a free loopback port."""
 
-    def __init__(self, comfy_dir: str | Path, base_dir: str | Path, log_path: str | Path,
-                 port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, comfy_dir: str | Path, base_dir: str | Path, log_path: str | Path) -> None:
         self.comfy_dir = Path(comfy_dir)
         self.base_dir = Path(base_dir)
         self.log_path = Path(log_path)
-        self.port = port or free_port()
-        self.extra_args = extra_args
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
         self.proc = self._log = None
 
     @property
@@ -302,7 +290,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 180.0) -> ServerProcess:
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base_dir), "--disable-auto-launch", *host_args(), *self.extra_args]
+               "--base-directory", str(self.base_dir), "--disable-auto-launch", *host_args()]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

@@ -40,17 +40,6 @@ def tiny_checkpoint(comfy_dir: Path) -> Path:
     return out / json.loads((out / "manifest.json").read_text())["files"]["large"]["all_in_one"]
 
 
-def load_workflow(name: str, ckpt: str, tiny: bool) -> dict:
-    graph = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
-    for node in graph.values():
-        inputs = node["inputs"]
-        if "ckpt_name" in inputs:
-            inputs["ckpt_name"] = ckpt
-        if tiny and node["class_type"] == "EmptySD3LatentImage":
-            inputs["width"] = inputs["height"] = 128  # the tiny model's images are textures at any size
-    return graph
-
-
 def main() -> int:
     comfy_dir = comfy_host.materialise(REPO / ".cache")
     ckpt = find_checkpoint()
@@ -65,7 +54,13 @@ def main() -> int:
 
     def run(workflow: str) -> tuple[dict, float]:
         start = time.perf_counter()
-        return runner.run(load_workflow(workflow, name, tiny)), time.perf_counter() - start
+        graph = json.loads((REPO / "workflows" / "api" / f"{workflow}.json").read_text())
+        for node in graph.values():
+            if "ckpt_name" in node["inputs"]:
+                node["inputs"]["ckpt_name"] = name
+            if tiny and node["class_type"] == "EmptySD3LatentImage":  # the tiny model's images are textures at any size
+                node["inputs"]["width"] = node["inputs"]["height"] = 128
+        return runner.run(graph), time.perf_counter() - start
 
     txt2img, txt2img_s = run("sd35_fp8_txt2img")
     model, _, _, report = runner.node_outputs("loader")

@@ -76,8 +76,7 @@ def ui_workflow(graph: dict, defs: dict[str, dict]) -> dict:
         if class_type not in defs:
             raise ValueError(f"{node_id}: node type {class_type} does not exist in this ComfyUI")
         definition = defs[class_type]
-        unknown = set(node["inputs"]) - {name for name, _, _ in definition["inputs"]}
-        if unknown:
+        if unknown := set(node["inputs"]) - {name for name, _, _ in definition["inputs"]}:
             raise ValueError(f"{node_id}: {class_type} has no input(s) {sorted(unknown)}")
         inputs, widgets = [], []
         for name, kind, options in definition["inputs"]:

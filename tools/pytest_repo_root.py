@@ -15,4 +15,3 @@ REPO = Path(__file__).resolve().parents[1]
 def pytest_collect_directory(path: Path, parent):
     if path == REPO:
         return pytest.Dir.from_parent(parent, path=path)
-    return None
