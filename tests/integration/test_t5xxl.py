@@ -119,15 +119,16 @@ def _clip_loader(name: str, node: str = "cl") -> dict:
 
 
 def test_separate_t5xxl_file_quantizes_and_samples(runner, fixture_files):
-    """A T5-XXL loaded from text_encoders/ (ComfyUI's CLIP loaders detect it by its 24th block)."""
-    prompt = {**_clip_loader(fixture_files["t5xxl_text_encoder"].name), "qc": _quantize_clip(["cl", 0]),
+    """A T5-XXL loaded from text_encoders/ (ComfyUI's CLIP loaders detect it by its 24th block), all encoders
+    asked for: the ones this CLIP lacks are named."""
+    prompt = {**_clip_loader(fixture_files["t5xxl_text_encoder"].name), "qc": _quantize_clip(["cl", 0], "all"),
               **_encode(["cl", 0], "16"), **_encode(["qc", 0], "8"),
               "ld": dm_loader(fixture_files["large_transformer"].name), **_sample(["ld", 0], "8"),
               "out": show(["ks", 0])}
     runner.run(prompt)
     clip8, report = runner.node_outputs("qc")
     _check_layers(clip_weights(clip8), clip_l_fp8=False)
-    assert "rule: text encoders: t5xxl in FP8" in report
+    assert "rule: text encoders: t5xxl in FP8" in report and "no clip_l" in report and "no clip_g" in report
     c16, c8 = runner.node_outputs("e16")[0][0][0], runner.node_outputs("e8")[0][0][0]
     assert c16.shape[-1] == 4096 and 0 < _rel(c8, c16) < 0.12  # T5 alone: its output is the whole conditioning
     assert torch.isfinite(runner.node_outputs("ks")[0]["samples"]).all()
