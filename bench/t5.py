@@ -4,8 +4,8 @@
 Bytes: ComfyUI's own T5 class at full size (its `t5_config_xxl.json`) on the meta device, planned by the pack's
 text-encoder policy (quant/plan.py, what the loaders and Quantize Text Encoders do). Output error of the encoder
 vs fp32: full width (4096, 64 heads, d_ff 10240), reduced depth, on prompts tokenized by ComfyUI's T5 tokenizer;
-random weights of each kind (bench/weights.py) at T5's own initialisation scale (tools/tiny_sd35.draw_t5xxl: the
-query also 1/sqrt(d_kv), the token table std 1). `ours_fp8_embedding`: ours with the token table in FP8 too
+random weights of each kind (bench/weights.py) at T5's own initialisation scale (tiny_sd35.t5xxl_init_scale_:
+the query also 1/sqrt(d_kv), the token table std 1). `ours_fp8_embedding`: ours with the token table in FP8 too
 (scale 1.0, as the host would read it), the other side of the bytes goal.
 """
 
@@ -53,11 +53,7 @@ def tokens() -> torch.Tensor:
 
 def reference(depth: int, kind: str) -> torch.nn.Module:
     model = fill_(tiny_sd35.build_t5xxl({"num_layers": depth}, "cpu", torch.float32), kind)
-    config = tiny_sd35.t5xxl_config()
-    for name, module in model.named_modules():
-        if name.endswith("SelfAttention.q"):
-            module.weight.data.div_(config["d_kv"] ** 0.5)
-    model.shared.weight.data.mul_(config["d_model"] ** 0.5)
+    tiny_sd35.t5xxl_init_scale_(model.state_dict(), tiny_sd35.t5xxl_config()["d_kv"])
     return model.eval()
 
 
@@ -94,8 +90,9 @@ def run(quick: bool) -> dict:
     shapes = module_shapes(tiny_sd35.build_t5xxl())
     bytes_, fp8_layers, kept = byte_counts(shapes)
     errors = output_errors(depth, tokens())
-    return {"params": bytes_["comfy_cast"], "bytes": bytes_, "ratio": bytes_["ours"] / bytes_["fp16"],
-            "comfy_cast_ratio": 0.5, "ratio_fp8_embedding": bytes_["ours_fp8_embedding"] / bytes_["fp16"],
-            "fp8_layers": fp8_layers, "kept_16bit": kept, "embedding_share": math.prod(shapes["shared.weight"])
-            / bytes_["comfy_cast"], "depth": depth, "prompts": len(PROMPTS), "headline_weights": "student_t",
+    fp16 = bytes_["fp16"]
+    return {"params": fp16 // 2, "bytes": bytes_, "ratio": bytes_["ours"] / fp16,
+            "comfy_cast_ratio": bytes_["comfy_cast"] / fp16, "ratio_fp8_embedding": bytes_["ours_fp8_embedding"] / fp16,
+            "embedding_share": 2 * math.prod(shapes["shared.weight"]) / fp16, "fp8_layers": fp8_layers,
+            "kept_16bit": kept, "depth": depth, "prompts": len(PROMPTS), "headline_weights": "student_t",
             **{f"{name}_rel_err": e for name, e in errors["student_t"].items()}, "by_weights": errors}

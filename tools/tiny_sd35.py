@@ -176,14 +176,22 @@ def draw_state_dict(shapes: dict[str, tuple[int, ...]], seed: int, prefix: str =
     return out
 
 
-def draw_t5xxl(seed: int, override: dict | None = TINY_T5XXL) -> dict[str, torch.Tensor]:
-    """A T5-XXL state dict scaled as T5's own initialisation (Mesh TensorFlow, transformers' T5 `_init_weights`):
-    1/sqrt(fan-in), but the query also 1/sqrt(d_kv) (T5's attention has no 1/sqrt(d) of its own: drawn like the
-    rest, its logits would be 8x too wide and the softmax one-hot) and the token table std 1."""
-    sd = draw_state_dict(_meta_shapes(build_t5xxl(override)), seed)
-    for key in [k for k in sd if k.endswith("SelfAttention.q.weight")]:
-        sd[key] = sd[key] / t5xxl_config(override)["d_kv"] ** 0.5
-    sd["shared.weight"] = sd["shared.weight"] * sd["shared.weight"].shape[1] ** 0.5
+def t5xxl_init_scale_(tensors: dict[str, torch.Tensor], d_kv: int) -> None:
+    """In place, on tensors drawn with std 1/sqrt(fan-in): T5's own initialisation scale (Mesh TensorFlow,
+    transformers' T5 `_init_weights`), the query also 1/sqrt(d_kv) (T5's attention has no 1/sqrt(d) of its own:
+    drawn like the rest, its logits would be 8x too wide and the softmax one-hot) and the token table std 1."""
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            if key.endswith("SelfAttention.q.weight"):
+                tensor.div_(d_kv**0.5)
+            elif key == "shared.weight":
+                tensor.mul_(tensor.shape[1] ** 0.5)
+
+
+def draw_t5xxl(seed: int) -> dict[str, torch.Tensor]:
+    """The fixture's T5-XXL (TINY_T5XXL) at T5's initialisation scale."""
+    sd = draw_state_dict(_meta_shapes(build_t5xxl(TINY_T5XXL)), seed)
+    t5xxl_init_scale_(sd, t5xxl_config(TINY_T5XXL)["d_kv"])
     return sd
 
 
