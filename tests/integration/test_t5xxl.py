@@ -157,3 +157,26 @@ def test_scaled_fp8_t5xxl_passes_through_as_fp8(runner, comfy_base, fixture_file
     c16, cs, c8 = (runner.node_outputs(f"e{t}")[0][0][0] for t in ("16", "s", "8"))
     assert torch.equal(cs, c8)  # passed through: the very layers ComfyUI loaded
     assert 0 < _rel(cs, c16) < 0.1  # per-tensor scales: coarser than ours, still close
+
+
+def test_checkpoint_with_scaled_fp8_t5xxl_loads_as_stock_does(runner, comfy_base, fixture_files, tmp_path):
+    """An all-in-one whose T5 is in the scaled_fp8 layout: our loader keeps its FP8 layers with their scales,
+    whether text_encoder_fp8 chooses T5 or not, reports them as FP8 and encodes as ComfyUI's own loader does."""
+    path = tmp_path / "tiny_sd35_large_t5xxl_fp8_scaled.safetensors"
+    write_legacy_scaled_fp8(fixture_files["large_t5xxl_all_in_one"], path, "text_encoders.t5xxl.transformer.",
+                            layers=T5_LAYER)
+    name = comfy_host.link_model(comfy_base, "checkpoints", path)
+    import folder_paths
+
+    folder_paths.filename_list_cache.clear()
+    prompt = {"ck": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}}, **_encode(["ck", 1], "16")}
+    for option in ("t5xxl_only", "none"):
+        prompt |= {f"ld_{option}": fp8_loader(name, text_encoder_fp8=option), **_encode([f"ld_{option}", 1], option)}
+    runner.run(prompt)
+    c_stock = runner.node_outputs("e16")[0][0][0]
+    for option in ("t5xxl_only", "none"):
+        report = runner.node_outputs(f"ld_{option}")[3]
+        assert f"{7 * T5_BLOCKS} already fp8" in report, option
+        assert "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q | 32x4096 | float8_e4m3fn" \
+            in report
+        assert _rel(runner.node_outputs(f"e{option}")[0][0][0][:, TOKENS:], c_stock[:, TOKENS:]) < 1e-2, option
