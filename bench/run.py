@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         kept = json.loads(args.out.read_text())
         if kept.get("mode") != results["mode"]:
             parser.error(f"--update: {args.out} holds a {kept.get('mode')} run, this is a {results['mode']} one")
-        results = {**kept, "updated": {name: now() for name in only}}
+        where = f"on {results['machine']['cpu']}, {results['machine']['cores']} cores"
+        results = {**kept, "updated": {**kept.get("updated", {}), **{name: f"{now()} {where}" for name in only}}}
     failed = []
     for name in only:
         t0 = time.perf_counter()

@@ -142,8 +142,8 @@ def t5xxl(t: dict) -> list[str]:
     rows = [["FP16", _gb(b["fp16"]), "1.000", "-", "-"]]
     rows += [[label, _gb(b[k]), _f(b[k] / b["fp16"]), *(_f(by[w][k], ".4f") for w in ("student_t", "gaussian"))]
              for k, label in labels.items()]
-    return _table(f"### 9. T5-XXL ({t['params'] / 1e9:.2f} B params; bytes at full size, output error vs fp32 at "
-                  f"depth {t['depth']}, full width, {t['prompts']} tokenized prompts)",
+    return _table(f"### 9. T5-XXL ({t['params'] / 1e9:.2f} B params; bytes at full size; output error vs float16 "
+                  f"weights in float32 at depth {t['depth']}, full width, {t['prompts']} tokenized prompts)",
                   ["method", "bytes", "x FP16", "rel. err (student_t)", "rel. err (gaussian)"], rows)
 
 
