@@ -188,13 +188,6 @@ def t5xxl_init_scale_(tensors: dict[str, torch.Tensor], d_kv: int) -> None:
                 tensor.mul_(tensor.shape[1] ** 0.5)
 
 
-def draw_t5xxl(seed: int) -> dict[str, torch.Tensor]:
-    """The fixture's T5-XXL (TINY_T5XXL) at T5's initialisation scale."""
-    sd = draw_state_dict(_meta_shapes(build_t5xxl(TINY_T5XXL)), seed)
-    t5xxl_init_scale_(sd, t5xxl_config(TINY_T5XXL)["d_kv"])
-    return sd
-
-
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
@@ -237,7 +230,8 @@ def build_all(out: Path, seed: int = 0) -> dict:
         return manifest
     vae = draw_state_dict(vae_shapes(), seed, prefix="first_stage_model.")
     clip_l = draw_state_dict(clip_l_shapes(), seed, prefix="text_encoders.clip_l.")
-    t5xxl = draw_t5xxl(seed)
+    t5xxl = draw_state_dict(_meta_shapes(build_t5xxl(TINY_T5XXL)), seed)
+    t5xxl_init_scale_(t5xxl, TINY_T5XXL["d_kv"])
     manifest: dict = {"stamp": stamp, "builder_version": BUILDER_VERSION, "seed": seed, "files": {}}
     for variant in VARIANTS:
         dm = draw_state_dict(_meta_shapes(build_mmdit(variant)), seed, gain=0.5)
