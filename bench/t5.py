@@ -92,7 +92,7 @@ def output_errors(depth: int, ids: torch.Tensor) -> dict:
 
 
 def run(quick: bool) -> dict:
-    depth = 2 if quick else 4
+    depth = 1 if quick else 4
     shapes = module_shapes(tiny_sd35.build_t5xxl())
     bytes_, fp8_layers, kept = byte_counts(shapes)
     errors = output_errors(depth, tokens())
