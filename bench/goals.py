@@ -42,6 +42,9 @@ def evaluate(results: dict) -> dict[str, dict]:
         "latent_ssim": _goal("latent SSIM after 20 steps >= 0.97", g("fidelity.latent_ssim"), 0.97, ge),
         "budget_vs_presets": _goal("memory budget: planner error / preset error at the same bytes or more <= 1.0",
                                    g("budget.planner_over_preset_max"), 1.0, le),
+        "t5xxl_memory": _goal("T5-XXL ours/FP16 bytes <= 0.51", g("t5xxl.ratio"), 0.51, le),
+        "t5xxl_fidelity_vs_cast": _goal("T5-XXL rel. error <= 0.5x ComfyUI cast",
+                                        _ratio(g("t5xxl.ours_rel_err"), g("t5xxl.comfy_cast_rel_err")), 0.5, le),
         "budget_greedy": _goal("memory budget: greedy / exact optimum (predicted) <= 1.05",
                                g("budget.greedy_over_optimum_max"), 1.05, le),
     }

@@ -141,6 +141,19 @@ def budget(b: dict) -> list[str]:
         ["", f"![memory budget]({b['plot']})"]
 
 
+def t5xxl(t: dict) -> list[str]:
+    b, by = t["bytes"], t["by_weights"]
+    labels = {"ours": "ours (FP8 projections, per-channel; embeddings, norms, bias table 16-bit)",
+              "ours_fp8_embedding": "ours + token table FP8 (scale 1.0)",
+              "comfy_cast": "ComfyUI fp8_e4m3fn cast (every tensor)"}
+    rows = [["FP16", _gb(b["fp16"]), "1.000", "-", "-"]]
+    rows += [[label, _gb(b[k]), _f(b[k] / b["fp16"]), *(_f(by[w][k], ".4f") for w in ("student_t", "gaussian"))]
+             for k, label in labels.items()]
+    return _table(f"### 9. T5-XXL ({t['params'] / 1e9:.2f} B params; bytes at full size; output error vs float16 "
+                  f"weights in float32 at depth {t['depth']}, full width, {t['prompts']} tokenized prompts)",
+                  ["method", "bytes", "x FP16", "rel. err (student_t)", "rel. err (gaussian)"], rows)
+
+
 def soak_table(s: dict) -> list[str]:
     rows = [[s["n_prompts"], s["warmup"], _f(s["rss_growth_ratio"], ".4f"), s["tensor_growth"],
              _f(s["tensor_mb_growth"], ".2f"), _f(s["seconds_per_prompt_median"], ".2f"), s["failed"],
@@ -157,7 +170,8 @@ def goals(g: dict) -> list[str]:
 
 
 RENDER = {"memory": memory, "quantize": quantize, "load": load, "step": step, "fidelity": fidelity,
-          "sensitivity": sensitivity, "stock_path": stock_path, "budget": budget, "soak": soak_table}
+          "sensitivity": sensitivity, "stock_path": stock_path, "budget": budget, "t5xxl": t5xxl,
+          "soak": soak_table}
 
 
 def render(results: dict) -> str:

@@ -8,6 +8,7 @@ forward casts them (ComfyUI's MMDiT does: `cast_to_input`). The input module is 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import torch
 
@@ -38,15 +39,18 @@ def _set(root: torch.nn.Module, name: str, new: torch.nn.Module | torch.Tensor) 
 
 def quantize(module: torch.nn.Module, config: QuantConfig | None = None, policy: ProtectionPolicy | None = None,
              inplace: bool = False, hint: str = "", budget_itemsize: int | None = None,
-             ) -> tuple[torch.nn.Module, Report]:
+             text_encoders: Mapping[str, str] | None = None) -> tuple[torch.nn.Module, Report]:
     """FP8 copy of `module` (or `module` itself with inplace=True) and the report of what was done.
-    `budget_itemsize`: bytes per element a memory budget counts the 16-bit tensors at (None: as they are)."""
+    `budget_itemsize`: bytes per element a memory budget counts the 16-bit tensors at (None: as they are).
+    `text_encoders`: the module is text encoders, {encoder: name prefix} (e.g. {"t5xxl": ""} for a T5-XXL), planned
+    by the text-encoder policy instead of the diffusion model's."""
     config = config or QuantConfig()
     target = module if inplace else copy.deepcopy(module)
     tensors = module_tensors(target)  # as planned, and the sources a memory budget redoes layers from
     linears = {n for n, m in target.named_modules() if isinstance(m, torch.nn.Linear)}
     plan = make_plan(config, {k: tuple(t.shape) for k, t in tensors.items()}, {k: t.dtype for k, t in tensors.items()},
-                     linears=linears, hint=hint, policy=policy)
+                     linears=linears, hint=hint, policy=policy, text_encoders=text_encoders,
+                     model_prefix="" if text_encoders is None else None)
     report = plan.new_report()
     tables = set(plan.keys(UNIT_SCALE))
     originals: dict[str, torch.nn.Module] = {}

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tools import comfy_host
+from tools import comfy_host, tiny_sd35
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache"
@@ -58,7 +58,7 @@ def fixture_files() -> dict:
     manifest = json.loads((out / "manifest.json").read_text())
     files = {"dir": out, "manifest": manifest}
     for variant, entry in manifest["files"].items():
-        for kind in ("all_in_one", "transformer", "diffusers"):
+        for kind in ("all_in_one", "transformer", "diffusers", "text_encoder"):
             if kind in entry:
                 files[f"{variant}_{kind}"] = out / entry[kind]
     return files
@@ -72,6 +72,8 @@ def comfy_base(tmp_path_factory, fixture_files: dict) -> Path:
             comfy_host.link_model(base, "checkpoints", path)
         elif key.endswith("_transformer") or key.endswith("_diffusers"):
             comfy_host.link_model(base, "diffusion_models", path)
+        elif key.endswith("_text_encoder"):
+            comfy_host.link_model(base, "text_encoders", path)
     return base
 
 
@@ -80,8 +82,10 @@ def comfy_nodes(comfy_dir: Path, comfy_base: Path) -> dict:
     """Boot ComfyUI in this process and load all nodes; fails if our pack fails to import.
 
     At the session's end: the engine was imported once, as the pack's own `quant` (tests reach it through the pack,
-    so their isinstance checks and module state are the ones ComfyUI runs)."""
+    so their isinstance checks and module state are the ones ComfyUI runs). ComfyUI builds T5-XXL with the
+    fixture's smaller config (tiny_sd35.use_tiny_t5xxl)."""
     comfy_host.boot(comfy_dir, comfy_base)
+    tiny_sd35.use_tiny_t5xxl()
     yield comfy_host.load_nodes(PACK_NAME)
     second = sorted(name for name in sys.modules if name == "quant" or name.startswith("quant."))
     assert not second, f"the engine was imported a second time, outside the pack: {second}"

@@ -9,6 +9,8 @@ Outputs (in --out):
   tiny_sd35_large.safetensors        all-in-one: MMDiT (qk RMS norm) + SD3 VAE + CLIP-L
   tiny_sd35_medium.safetensors       all-in-one: MMDiT-X (x_block attn2 layers) + VAE + CLIP-L
   tiny_sd35_large_turbo.safetensors  all-in-one, Large shapes, "turbo" in name and metadata
+  tiny_sd35_large_t5xxl.safetensors  the Large all-in-one + a T5-XXL (text_encoders.t5xxl.transformer.*)
+  tiny_t5xxl.safetensors             the same T5-XXL alone, as in text_encoders/ (for the CLIP loaders)
   tiny_sd35_large_transformer.safetensors / tiny_sd35_medium_transformer.safetensors
                                      diffusion model only (no prefix), as in diffusion_models/
   tiny_sd35_medium_diffusers/        diffusers-format folder (transformer/ sharded), made with
@@ -44,6 +46,11 @@ FULL_SIZE: dict[str, dict] = {
 }
 CONTEXT_DIM = 4096  # T5-XXL width; CLIP-L/G contexts are zero-padded to it
 ADM_DIM = 2048  # pooled CLIP-L (768) + CLIP-G (1280)
+# T5-XXL as ComfyUI builds it (comfy/text_encoders/t5_config_xxl.json) with fewer, narrower heads and a narrower
+# feed-forward: the width (SD3's context), vocabulary, 24 blocks (ComfyUI's CLIP loaders detect T5-XXL by
+# block 23's wi_1), gated GELU and relative attention bias are the real ones. ComfyUI reads this override from
+# model_options["t5xxl_model_config"]; `use_tiny_t5xxl` puts it there for the tests.
+TINY_T5XXL = {"num_heads": 2, "d_kv": 16, "d_ff": 32}
 VAE_DDCONFIG = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                 "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 
@@ -93,6 +100,38 @@ def clip_l_shapes() -> dict[str, tuple[int, ...]]:
     return {k: s for k, s in _meta_shapes(model).items() if k.startswith("transformer.")}
 
 
+def t5xxl_config(override: dict | None = None) -> dict:
+    """ComfyUI's own T5-XXL config (full size), with `override` applied (TINY_T5XXL for the fixture)."""
+    import comfy.text_encoders.t5
+
+    path = Path(comfy.text_encoders.t5.__file__).with_name("t5_config_xxl.json")
+    return json.loads(path.read_text()) | (override or {})
+
+
+def build_t5xxl(override: dict | None = None, device: str = "meta", dtype: torch.dtype = torch.float16):
+    """ComfyUI's own T5 encoder class (uninitialised weights), full size or with `override`."""
+    import comfy.ops
+    import comfy.text_encoders.t5
+
+    return comfy.text_encoders.t5.T5(t5xxl_config(override), dtype, device, comfy.ops.disable_weight_init)
+
+
+def use_tiny_t5xxl() -> None:
+    """Test-only: this process's ComfyUI builds every T5-XXL with TINY_T5XXL (it reads a fixed config otherwise),
+    as the fixture's T5 needs. Call it after booting the host."""
+    import comfy.text_encoders.sd3_clip as sd3_clip
+
+    model = sd3_clip.T5XXLModel
+    if getattr(model, "tiny_config", None) is not None:
+        return
+    init = model.__init__
+
+    def tiny_init(self, *args, model_options: dict | None = None, **kwargs) -> None:
+        init(self, *args, model_options={"t5xxl_model_config": dict(TINY_T5XXL), **(model_options or {})}, **kwargs)
+
+    model.__init__, model.tiny_config = tiny_init, TINY_T5XXL
+
+
 def sincos_pos_embed(shape: tuple[int, ...]) -> torch.Tensor:
     """SD3's fixed 2-D sin-cos position table, [1, side*side, hidden] float32, values in [-1, 1]: what the
     official checkpoints ship as `pos_embed` (ComfyUI's mmdit.py notes its own table matches it)."""
@@ -137,6 +176,18 @@ def draw_state_dict(shapes: dict[str, tuple[int, ...]], seed: int, prefix: str =
     return out
 
 
+def t5xxl_init_scale_(tensors: dict[str, torch.Tensor], d_kv: int) -> None:
+    """In place, on tensors drawn with std 1/sqrt(fan-in): T5's own initialisation scale (Mesh TensorFlow,
+    transformers' T5 `_init_weights`), the query also 1/sqrt(d_kv) (T5's attention has no 1/sqrt(d) of its own:
+    drawn like the rest, its logits would be 8x too wide and the softmax one-hot) and the token table std 1."""
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            if key.endswith("SelfAttention.q.weight"):
+                tensor.div_(d_kv**0.5)
+            elif key == "shared.weight":
+                tensor.mul_(tensor.shape[1] ** 0.5)
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
@@ -179,18 +230,23 @@ def build_all(out: Path, seed: int = 0) -> dict:
         return manifest
     vae = draw_state_dict(vae_shapes(), seed, prefix="first_stage_model.")
     clip_l = draw_state_dict(clip_l_shapes(), seed, prefix="text_encoders.clip_l.")
+    t5xxl = draw_state_dict(_meta_shapes(build_t5xxl(TINY_T5XXL)), seed)
+    t5xxl_init_scale_(t5xxl, TINY_T5XXL["d_kv"])
     manifest: dict = {"stamp": stamp, "builder_version": BUILDER_VERSION, "seed": seed, "files": {}}
     for variant in VARIANTS:
         dm = draw_state_dict(_meta_shapes(build_mmdit(variant)), seed, gain=0.5)
         full = {f"model.diffusion_model.{k}": v for k, v in dm.items()} | vae | clip_l
-        for name in [variant] + (["large_turbo"] if variant == "large" else []):
+        for name in [variant] + (["large_turbo", "large_t5xxl"] if variant == "large" else []):
             meta = {"modelspec.title": f"tiny SD3.5 {name.replace('_', ' ')} (random weights, test fixture)"}
             path = out / f"tiny_sd35_{name}.safetensors"
-            _atomic_save(full, path, meta)
+            t5_part = {f"text_encoders.t5xxl.transformer.{k}": v for k, v in t5xxl.items()} if "t5" in name else {}
+            _atomic_save(full | t5_part, path, meta)
             manifest["files"][name] = {"all_in_one": path.name, "mmdit": mmdit_kwargs(variant)}
         dm_path = out / f"tiny_sd35_{variant}_transformer.safetensors"
         _atomic_save(dm, dm_path, {"modelspec.title": f"tiny SD3.5 {variant} transformer"})
         manifest["files"][variant]["transformer"] = dm_path.name
+    _atomic_save(t5xxl, out / "tiny_t5xxl.safetensors", {"modelspec.title": "tiny T5-XXL (random weights)"})
+    manifest["files"]["t5xxl"] = {"text_encoder": "tiny_t5xxl.safetensors", "t5xxl_model_config": TINY_T5XXL}
     diffusers_dir = out / "tiny_sd35_medium_diffusers"
     if not diffusers_dir.exists():
         build_diffusers_folder(diffusers_dir, "medium", seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -35,6 +36,13 @@ def fp8_layers(model) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in effective_linears(model).items() if m.weight.dtype in FP8}
 
 
+def clip_weights(clip) -> dict[str, torch.Tensor]:
+    """{module name: weight} of a CLIP's text encoders as its patcher runs them (object patches applied)."""
+    _unload_all()
+    modules = ((n, clip.patcher.object_patches.get(n, m)) for n, m in clip.cond_stage_model.named_modules())
+    return {n: m.weight for n, m in modules if isinstance(getattr(m, "weight", None), torch.Tensor)}
+
+
 def snapshot(model) -> dict[str, torch.Tensor]:
     """A bit-exact copy of the diffusion model's own tensors (to prove nothing changed them)."""
     _unload_all()
@@ -55,13 +63,15 @@ def host_quantized_layers(model) -> set[str]:
             if isinstance(getattr(module, "weight", None), QuantizedTensor)}
 
 
-def write_legacy_scaled_fp8(source: Path, path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+def write_legacy_scaled_fp8(source: Path, path: Path, prefix: str = "", layers: str = r"joint_blocks\.") \
+        -> dict[str, torch.Tensor]:
     """An older-ComfyUI scaled_fp8 file from a 16-bit one: marker tensor, per-tensor float32 `scale_weight` on
-    the joint blocks' Linear weights (as ComfyUI distributes them, the rest stays 16-bit). Returns its tensors."""
+    the Linear weights whose name after `prefix` starts with the regex `layers` (the joint blocks' for SD3.5, as
+    ComfyUI distributes them; the rest stays 16-bit). Returns its tensors."""
     sd = load_file(str(source))
     legacy = {f"{prefix}scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
     for key, tensor in sd.items():
-        if key.startswith(f"{prefix}joint_blocks.") and key.endswith(".weight") and tensor.dim() == 2:
+        if re.match(re.escape(prefix) + layers, key) and key.endswith(".weight") and tensor.dim() == 2:
             scale = tensor.float().abs().max() / 448
             legacy[key] = (tensor.float() / scale).to(torch.float8_e4m3fn)
             legacy[key[: -len(".weight")] + ".scale_weight"] = scale.reshape(())

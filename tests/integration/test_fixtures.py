@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 
-@pytest.mark.parametrize("variant", ["large", "medium", "large_turbo"])
+@pytest.mark.parametrize("variant", ["large", "medium", "large_turbo", "large_t5xxl"])
 def test_all_in_one_detected_as_sd3(comfy_nodes, fixture_files, variant):
     import comfy.model_detection
     import comfy.supported_models
@@ -23,6 +24,25 @@ def test_all_in_one_detected_as_sd3(comfy_nodes, fixture_files, variant):
     clip_target = config.clip_target(sd)
     assert clip_target is not None
     assert all(torch.isfinite(t.float()).all() for t in sd.values() if t.is_floating_point())
+
+
+def test_t5xxl_fixture_is_what_comfyui_detects_and_builds_as_t5xxl(comfy_nodes, fixture_files):
+    """The T5 in text_encoders/ and in the all-in-one: ComfyUI's CLIP loaders call it T5-XXL; its keys and shapes
+    are those of ComfyUI's own T5-XXL with the fixture's override (real width and vocabulary)."""
+    import comfy.sd
+
+    from tools import tiny_sd35
+
+    sd = load_file(str(fixture_files["t5xxl_text_encoder"]))
+    assert comfy.sd.detect_te_model(sd) == comfy.sd.TEModel.T5_XXL
+    built = tiny_sd35.build_t5xxl(tiny_sd35.TINY_T5XXL).state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in built.items()}
+    assert sd["shared.weight"].shape == (32128, 4096) and "encoder.block.23.layer.1.DenseReluDense.wi_1.weight" in sd
+    assert sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape == (32, 2)
+    with safe_open(str(fixture_files["large_t5xxl_all_in_one"]), "pt") as f:
+        prefix = "text_encoders.t5xxl.transformer."
+        assert {k[len(prefix):] for k in f.keys() if k.startswith(prefix)} == set(sd)
+        assert torch.equal(f.get_tensor(prefix + "shared.weight"), sd["shared.weight"])
 
 
 @pytest.mark.parametrize("variant", ["large", "medium"])

@@ -1,4 +1,5 @@
-"""Save FP8 Model writes files stock ComfyUI loads; text encoders quantize; missing encoders explain themselves."""
+"""Save FP8 Model writes files stock ComfyUI loads; missing text encoders explain themselves (text encoders in FP8:
+test_t5xxl.py)."""
 
 from __future__ import annotations
 
@@ -66,29 +67,6 @@ def test_save_never_overwrites(runner, comfy_base, fixture_files):
     runner.run(prompt)
     files = sorted((comfy_base / "output" / "twice").glob("model_*.safetensors"))
     assert len(files) == 2 and files[0].name != files[1].name
-
-
-def test_quantize_clip_all_makes_clip_l_fp8(runner, fixture_files):
-    ckpt = fixture_files["large_all_in_one"].name
-    prompt = {"ck": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-              "qc": {"class_type": "SD35FP8QuantizeCLIP",
-                     "inputs": {"clip": ["ck", 1], "encoders": "all", "fp8_format": "float8_e4m3fn",
-                                "scaling": "per_channel"}},
-              "e16": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ck", 1], "text": "a red fox"}},
-              "e8": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["qc", 0], "text": "a red fox"}},
-              "s16": {"class_type": "PreviewAny", "inputs": {"source": ["e16", 0]}},
-              "s8": {"class_type": "PreviewAny", "inputs": {"source": ["e8", 0]}}}
-    runner.run(prompt)
-    clip8, report = runner.node_outputs("qc")
-    patched = [k for k, v in clip8.patcher.object_patches.items() if getattr(v, "weight_scale", None) is not None]
-    assert any(k.startswith("clip_l.") and k.endswith("self_attn.q_proj") for k in patched)
-    assert not any("text_projection" in k for k in patched)
-    assert "no t5xxl" in report and "no clip_g" in report
-    c16, c8 = runner.node_outputs("e16")[0][0][0], runner.node_outputs("e8")[0][0][0]
-    rel = float((c16 - c8).norm() / c16.norm())
-    # each FP8 layer's weight error is ~2.6% (the report); through CLIP-L's 12 random-weight layers the
-    # embedding moves ~8%. A wrong scale axis or a plain cast of these small weights gives > 0.2.
-    assert 0 < rel < 0.12, rel
 
 
 def test_checkpoint_without_text_encoders_says_use_tripleclip(runner, comfy_base, fixture_files, tmp_path):

@@ -82,3 +82,26 @@ def test_quanto_backend_refuses_per_tensor():
     pytest.importorskip("optimum.quanto")
     with pytest.raises(ValueError, match="scaling"):
         quantize(MiniMMDiT(), QuantConfig(backend="quanto", scaling="per_tensor"))
+
+
+def _module(**children: torch.nn.Module) -> torch.nn.Module:
+    module = torch.nn.Module()
+    for name, child in children.items():
+        module.add_module(name, child)
+    return module
+
+
+def test_text_encoder_policy_on_a_t5_shaped_module():
+    """`text_encoders`: a T5's matmuls go FP8 (no SD3 preset is applied); its token table, relative attention
+    bias and layer norm stay as they are."""
+    attention = _module(q=torch.nn.Linear(64, 64, bias=False), relative_attention_bias=torch.nn.Embedding(32, 2))
+    feed_forward = _module(DenseReluDense=_module(wo=torch.nn.Linear(64, 64, bias=False)))
+    block = _module(layer=torch.nn.ModuleList([_module(SelfAttention=attention), feed_forward]))
+    t5 = _module(shared=torch.nn.Embedding(100, 64),
+                 encoder=_module(block=torch.nn.ModuleList([block]), final_layer_norm=torch.nn.LayerNorm(64)))
+    q, report = quantize(t5, QuantConfig(), text_encoders={"t5xxl": ""})
+    assert {n for n, m in q.named_modules() if isinstance(m, FP8Linear)} == \
+        {"encoder.block.0.layer.0.SelfAttention.q", "encoder.block.0.layer.1.DenseReluDense.wo"}
+    assert report.n_fp8 == 2 and "auto" not in report.rule
+    bias = q.get_submodule("encoder.block.0.layer.0.SelfAttention.relative_attention_bias")
+    assert all(m.weight.dtype == torch.float32 for m in (q.shared, q.encoder.final_layer_norm, bias))
