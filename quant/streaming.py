@@ -1,9 +1,8 @@
 """Quantize while reading: tensor by tensor from a safetensors file.
 
-The 16-bit model is never held whole: each tensor is read into its own buffer (plain reads,
-not a memory map: mapped file pages would count in the process's resident memory for as long
-as the map lives), quantized if the policy says so, and only the FP8 result is kept, so peak
-host memory stays near the FP8 model's size.
+The 16-bit model is never held whole: each tensor is mapped on its own (a map of the whole file
+would count in the process's resident memory for as long as it lives), quantized if the policy
+says so, and only the FP8 result is kept, so peak host memory stays near the FP8 model's size.
 `quantize_state_dict` runs the same per-tensor step over an in-memory dict (popping as it
 goes), so both give bit-identical results.
 """
@@ -11,6 +10,7 @@ goes), so both give bit-identical results.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Callable, Mapping
@@ -71,7 +71,7 @@ def _quantize_all(keys: list[str], shapes: Mapping[str, tuple[int, ...]], dtypes
                   budget_itemsize: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
     """Both entry points: `take` yields each tensor once (read or popped), `peek` fetches a tensor by key, again if
     need be (scales, quantization entries, the layers a memory budget redoes), `keep` makes an output tensor safe
-    to hold (the reader's scratch buffer is reused)."""
+    to hold (a tensor over the file's mapped pages is copied out)."""
     entries = {k[: -len(QUANT_ENTRY_SUFFIX)]: peek(k).numpy().tobytes() for k in keys if k.endswith(QUANT_ENTRY_SUFFIX)}
     _refuse_unknown_formats(metadata, entries)
     chosen = choose_encoders("text_encoder_fp8", text_encoders or "none", LOADER_TEXT_ENCODER_CHOICES)
@@ -126,7 +126,7 @@ def quantize_safetensors_stream(path: str | os.PathLike, config: QuantConfig, *,
     keys = sorted(shapes, key=lambda k: header[k]["data_offsets"][0])  # file order: sequential reads
     with open(path, "rb") as f:
         reader = _TensorReader(f, header, str(path))
-        return _quantize_all(keys, shapes, dtypes, reader.read_scratch, reader.read, config, model_prefix,
+        return _quantize_all(keys, shapes, dtypes, reader.map, reader.read, config, model_prefix,
                              text_encoders, progress, hint, keep=reader.keep, metadata=metadata,
                              budget_itemsize=budget_itemsize)
 
@@ -134,15 +134,12 @@ def quantize_safetensors_stream(path: str | os.PathLike, config: QuantConfig, *,
 class _TensorReader:
     """Tensors by key from an open safetensors file (little-endian, as safetensors stores them).
 
-    `read_scratch` reads into one buffer reused for every key: the 16-bit weights about to be quantized and
-    dropped. A fresh buffer each would leave the allocator's heap holding freed 16-bit blocks between the
-    FP8 ones that stay, which it cannot give back to the OS: peak memory would grow to 16-bit + FP8.
-    Tensors over SCRATCH_LIMIT get a buffer of their own (blocks that large are mapped by the allocator and
-    unmapped when freed), so one big table does not size the scratch buffer for the whole load.
-    `keep` copies a tensor out of the scratch buffer when it is kept as it is (protected, norms, biases).
+    `map` gives a tensor over a private (copy-on-write) map of its own pages: the 16-bit weights about to be
+    quantized are read by the quantizer straight from the page cache, with no copy into a buffer first, and the
+    map goes when the tensor does, so the process holds one source tensor's pages at a time and the file is never
+    written. `keep` copies a tensor out of its map when it is kept as it is (protected, norms, biases): the model
+    then owns its memory. `read` copies a tensor into a buffer of its own (scales, a memory budget's re-reads).
     """
-
-    SCRATCH_LIMIT = 64 << 20
 
     def __init__(self, f, header: dict, path: str) -> None:
         self.f = f
@@ -150,34 +147,46 @@ class _TensorReader:
         self.name = os.path.basename(path)
         f.seek(0)
         self.data_start = 8 + struct.unpack("<Q", f.read(8))[0]
-        sizes = [e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items() if k != "__metadata__"]
-        self.scratch = torch.empty(max((n for n in sizes if n <= self.SCRATCH_LIMIT), default=0), dtype=torch.uint8)
+        self.size = os.fstat(f.fileno()).st_size
+        self.last: torch.Tensor | None = None  # the tensor `map` handed out last
 
-    def _read_into(self, buffer: torch.Tensor, key: str) -> torch.Tensor:
+    def _span(self, key: str) -> tuple[torch.dtype, list[int], int, int]:
         entry = self.header[key]
         dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
         if dtype is None:
             raise ValueError(f"{self.name}: tensor {key} has dtype {entry['dtype']}, which this pack cannot read")
-        start, end = entry["data_offsets"]
-        buffer = buffer[: end - start]
-        self.f.seek(self.data_start + start)
-        if self.f.readinto(memoryview(buffer.numpy())) != end - start:
+        start, end = (self.data_start + offset for offset in entry["data_offsets"])
+        if end > self.size:  # the file shrank since its header was checked
             raise ValueError(f"{self.name} is truncated (tensor {key}); re-download it")
-        return buffer.view(dtype).reshape(entry["shape"])
+        return dtype, entry["shape"], start, end
 
     def read(self, key: str) -> torch.Tensor:
         """A tensor in a buffer of its own."""
-        start, end = self.header[key]["data_offsets"]
-        return self._read_into(torch.empty(end - start, dtype=torch.uint8), key)
+        dtype, shape, start, end = self._span(key)
+        buffer = torch.empty(end - start, dtype=torch.uint8)
+        self.f.seek(start)
+        if self.f.readinto(memoryview(buffer.numpy())) != end - start:
+            raise ValueError(f"{self.name} is truncated (tensor {key}); re-download it")
+        return buffer.view(dtype).reshape(shape)
 
-    def read_scratch(self, key: str) -> torch.Tensor:
-        """A tensor in the shared scratch buffer (valid until the next read_scratch), or its own if too big."""
-        start, end = self.header[key]["data_offsets"]
-        return self._read_into(self.scratch, key) if end - start <= self.scratch.numel() else self.read(key)
+    def map(self, key: str) -> torch.Tensor:
+        """A tensor over a private map of the file's pages (valid while the tensor lives)."""
+        dtype, shape, start, end = self._span(key)
+        if end == start:
+            return torch.empty(shape, dtype=dtype)
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        pages = mmap.mmap(self.f.fileno(), end - aligned, offset=aligned, access=mmap.ACCESS_COPY)
+        tensor = torch.frombuffer(pages, dtype=torch.uint8, count=end - start, offset=start - aligned)
+        self.last = tensor.view(dtype).reshape(shape)
+        return self.last
 
     def keep(self, tensor: torch.Tensor) -> torch.Tensor:
-        in_scratch = tensor.numel() > 0 and tensor.untyped_storage().data_ptr() == self.scratch.data_ptr()
-        return tensor.clone() if in_scratch else tensor
+        """`tensor` to store, copied out if it lies in the last map (a tensor kept as it was read)."""
+        last, self.last = self.last, None
+        if last is not None and tensor.numel() and tensor.untyped_storage().data_ptr() == \
+                last.untyped_storage().data_ptr():
+            return tensor.clone()
+        return tensor
 
 
 def quantize_state_dict(sd: dict[str, torch.Tensor], config: QuantConfig, *, model_prefix: str = "",
