@@ -71,8 +71,8 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per function, running them round-robin so background load hits all of them alike."""
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per round of each function, run round-robin so background load hits all of them alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -83,7 +83,17 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warm
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def round_ratios(numerator: list[float], denominator: list[float], minus: float = 0.0) -> dict[str, float]:
+    """numerator / denominator (- `minus`) of each round: its median (what a goal is judged on) and spread."""
+    ratios = [n / d - minus for n, d in zip(numerator, denominator, strict=True)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": len(ratios)}
 
 
 def run_child(module: str, *args: str | Path, **env: str) -> dict:

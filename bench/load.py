@@ -3,8 +3,9 @@
 A float16 transformer-only checkpoint (ComfyUI key layout, Gaussian weights) is written tensor by tensor to a
 temporary folder (full: depth 24, 4.9 GB; quick: depth 4, full width). Then each of bench.load_child's modes (our
 loader path, the stream quantize alone, ComfyUI's own FP16 load, a plain read of our saved FP8 file and of the FP16
-file) runs in a fresh process. Peak RSS is reported net of the process's RSS before the load (interpreter, torch,
-ComfyUI imports). Files are read warm from the page cache (both were just written).
+file) runs in a fresh process. The two model loads and the two plain reads alternate over several rounds; a time
+ratio is the median of the rounds' ratios, with their spread. Peak RSS is reported net of the process's RSS before
+the load (interpreter, torch, ComfyUI imports). Files are read warm from the page cache (both were just written).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from . import models
-from .common import log, run_child
+from .common import log, round_ratios, run_child
 from .weights import draw
 
 
@@ -54,15 +55,23 @@ def run(quick: bool, workdir: str | None = None) -> dict:
         log(f"load: writing a {variant} depth-{depth} FP16 checkpoint")
         size = write_checkpoint(fp16, variant, depth)
         runs = {}
-        for mode, *args in (("imports",), ("comfy_imports",), ("ours_model", fp16), ("ours_stream", fp16),
-                            ("comfy_fp16", fp16), ("save_fp8", fp16, fp8)):
+        for mode, *args in (("imports",), ("comfy_imports",), ("ours_stream", fp16), ("save_fp8", fp16, fp8)):
             log(f"load: {mode}")
             runs[mode] = run_child("bench.load_child", mode, *args)
+        # the two model loads and the two plain reads alternate, round by round (both files warm)
+        measured = {"ours_model": ("ours_model", fp16), "comfy_fp16": ("comfy_fp16", fp16),
+                    "read_fp8": ("read", fp8), "read_fp16": ("read", fp16)}
+        rounds: dict[str, list[dict]] = {name: [] for name in measured}
+        for i in range(3 if quick else 5):
+            log(f"load: round {i + 1}: {', '.join(measured)}")
+            for name, (mode, file) in measured.items():
+                rounds[name].append(run_child("bench.load_child", mode, file))
         fp8_size = fp8.stat().st_size
-        reads = {"read_fp8": fp8, "read_fp16": fp16}
-        tries = [{name: run_child("bench.load_child", "read", file) for name, file in reads.items()}
-                 for _ in range(2 if quick else 3)]  # alternating the files; the fastest of each is kept (both warm)
-        runs |= {name: min((t[name] for t in tries), key=lambda r: r["seconds"]) for name in reads}
+    for mode, results in rounds.items():  # the median round of each (its peak RSS with it)
+        runs[mode] = sorted(results, key=lambda r: r["seconds"])[len(results) // 2]
+    seconds = {mode: [r["seconds"] for r in results] for mode, results in rounds.items()}
+    time_ratio = round_ratios(seconds["ours_model"], seconds["comfy_fp16"])
+    read_ratio = round_ratios(seconds["read_fp8"], seconds["read_fp16"])
     return {
         "variant": variant, "depth": depth, "fp16_file_bytes": size, "fp8_file_bytes": fp8_size,
         "fp8_file_over_fp16_file": fp8_size / size,
@@ -71,8 +80,8 @@ def run(quick: bool, workdir: str | None = None) -> dict:
         "comfy_fp16_peak_rss_over_fp16_file": _net(runs["comfy_fp16"]) / size,
         "peak_anon_over_fp16_file": {m: (runs[m]["peak_anon"] - runs[m]["anon_before"]) / size
                                      for m in ("ours_model", "ours_stream", "comfy_fp16")},
-        "ours_model_over_comfy_time": runs["ours_model"]["seconds"] / runs["comfy_fp16"]["seconds"],
-        "fp8_over_fp16_time": runs["read_fp8"]["seconds"] / runs["read_fp16"]["seconds"],
+        "ours_model_over_comfy_time": time_ratio["median"], "fp8_over_fp16_time": read_ratio["median"],
+        "spread": {"ours_model_over_comfy_time": time_ratio, "fp8_over_fp16_time": read_ratio},
         "seconds": {m: r["seconds"] for m, r in runs.items() if m != "save_fp8"},
         "net_peak_rss": {m: _net(r) for m, r in runs.items() if "imports" not in m and m != "save_fp8"},
         "baseline_peak_rss": {m: runs[m]["peak_rss"] for m in ("imports", "comfy_imports")},

@@ -1,7 +1,7 @@
 """Run the benchmark: `python -m bench.run [--quick] [--only memory,quantize,...] [--out FILE]`.
 
-Writes the results JSON after every section (so a failed or interrupted run keeps what it measured),
-prints the tables at the end and exits non-zero if a section failed.
+Writes the results JSON and prints the section's table after every section (so a failed or interrupted run keeps
+what it measured), the goals at the end, and exits non-zero if a section failed.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from .common import RESULTS, boot_host, log, machine, now, setup_torch, versions
 from .goals import evaluate
 from .table import render
 
-SECTIONS = ("memory", "quantize", "load", "step", "fidelity", "sensitivity", "stock_path", "budget", "soak")
-MODULES = {"quantize": "throughput"}
+SECTIONS = ("memory", "quantize", "load", "step", "fidelity", "sensitivity", "stock_path", "budget", "t5xxl", "soak")
+MODULES = {"quantize": "throughput", "t5xxl": "t5"}
 WEIGHTS_NOTE = ("random weights (no real SD3.5 weights can be downloaded here), drawn per tensor: 'gaussian' "
                 "N(0, 1/fan_in) and 'student_t' (heavy tails, 1% outlier input channels x8, uneven rows); "
                 "headline figures use student_t, both are reported")
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         results["seconds"]["total"] = round(sum(v for k, v in results["seconds"].items() if k != "total"), 1)
         results["goals"] = evaluate(results)
         args.out.write_text(json.dumps(results, indent=1, default=str))
+        print(render(results, only=[name]), flush=True)
     print(render(results), flush=True)
     log(f"wrote {args.out} in {results['seconds']['total']:.0f} s")
     return 1 if failed else 0

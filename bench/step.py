@@ -3,8 +3,8 @@
 fp32 reference, ours (weight_only: FP8 weights dequantized to float32 in forward), ComfyUI's fp8 cast
 (manual_cast: FP8 weights cast to float32 in forward) and quanto qfloat8, all on the same `student_t`
 weights and inputs, all held at once (the FP8 variants share every tensor they do not replace) and run
-round-robin; the median of the repeats is kept. Quick mode runs 2 blocks, full mode all 24 (fewer
-if this machine lacks the memory to hold all four side by side, said in `depth`).
+round-robin; each ratio is the median of the rounds' ratios, with its spread. Quick mode runs 2 blocks,
+full mode all 24 (fewer if this machine lacks the memory to hold all four side by side, said in `depth`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import functools
 import psutil
 
 from . import models
-from .common import GIB, interleaved_medians, log, rel_err
+from .common import GIB, interleaved, log, medians, rel_err, round_ratios
 
 VARIANT = "sd35_medium"
 
@@ -31,12 +31,13 @@ def measure(depth: int, pixels: int, repeats: int) -> dict:
     variants = {"fp32": ref, "fp8_weight_only": models.ours(ref), "comfy_cast": models.comfy_cast(ref, VARIANT, depth),
                 "quanto": models.quanto(ref)}
     outputs = {name: models.forward(m, inp) for name, m in variants.items()}  # also the warm-up round
-    seconds = interleaved_medians({name: functools.partial(models.forward, m, inp) for name, m in variants.items()},
-                                  repeats, warmup=0)
+    times = interleaved({name: functools.partial(models.forward, m, inp) for name, m in variants.items()},
+                        repeats, warmup=0)
+    ratios = {name: round_ratios(ts, times["fp32"]) for name, ts in times.items() if name != "fp32"}
     return {
         "depth": depth, "pixels": pixels, "image_tokens": (pixels // 16) ** 2, "context_tokens": models.CONTEXT_TOKENS,
-        "repeats": repeats, "seconds": seconds,
-        **{f"{name}_over_fp32": s / seconds["fp32"] for name, s in seconds.items() if name != "fp32"},
+        "repeats": repeats, "seconds": medians(times),
+        **{f"{name}_over_fp32": r["median"] for name, r in ratios.items()}, "spread": ratios,
         "rel_err": {name: rel_err(outputs["fp32"], out) for name, out in outputs.items() if name != "fp32"},
     }
 
@@ -46,7 +47,7 @@ def run(quick: bool) -> dict:
     while depth > 2 and not _fits(depth):
         depth //= 2
     log(f"step: {VARIANT} depth {depth} at 512x512")
-    out = {"variant": VARIANT, "weights": "student_t", **measure(depth, 512, repeats=2 if quick else 3)}
+    out = {"variant": VARIANT, "weights": "student_t", **measure(depth, 512, repeats=3 if quick else 5)}
     if not quick:
         log(f"step: {VARIANT} depth 2 at 1024x1024 (token-count dependence)")
         out["at_1024px_depth2"] = measure(2, 1024, repeats=3)

@@ -38,13 +38,24 @@ def memory(m: dict) -> list[str]:
         "", "pos_embed (sin-cos table) FP8 relative error, scale 1.0 (stored) vs absmax scales: " + "; ".join(pos)]
 
 
+def _spread(r: dict | None, fmt: str = ".2f") -> str:
+    """A per-round ratio as `median (min-max, N rounds)`."""
+    if not r:
+        return "-"
+    return f"{r['median']:{fmt}} ({r['min']:{fmt}}-{r['max']:{fmt}}, {r['rounds']} rounds)"
+
+
 def quantize(q: dict) -> list[str]:
     names = {"ours": "ours (quantize_weight)", "ours_with_report": "ours + per-layer error for the report",
-             "quanto": "optimum-quanto quantize+freeze", "cast": "plain .to(float8_e4m3fn)"}
+             "quanto": "optimum-quanto quantize+freeze", "cast": "plain .to(float8_e4m3fn)",
+             "copy_bound": "memory-copy bound (2 bytes read, 1 written per parameter)"}
     rows = [[label, _f(q[f"{k}_mparams_s"], ".0f"), _f(q[f"{k}_mparams_s"] / q["cast_mparams_s"], ".2f")]
-            for k, label in names.items()]
+            for k, label in names.items() if f"{k}_mparams_s" in q]
+    spread = q.get("spread", {})
     return _table(f"### 2. Quantize throughput ({q['params'] / 1e6:.0f}M params: the Linear layers of block 0 of "
-                  "Large and of Medium, float16 in)", ["method", "Mparams/s", "x cast"], rows)
+                  "Large and of Medium, float16 in)", ["method", "Mparams/s", "x cast"], rows) + [
+        "", f"Per round: ours / copy bound {_spread(spread.get('ours_over_copy_bound'))}; report overhead "
+            f"(ours + error / ours - 1) {_spread(spread.get('report_overhead'))}."]
 
 
 def load(r: dict) -> list[str]:
@@ -54,17 +65,21 @@ def load(r: dict) -> list[str]:
               "read_fp16": "read the FP16 file"}
     rows = [[label, _f(r["seconds"][k], ".2f"), _gb(r["net_peak_rss"][k]), _f(r["net_peak_rss"][k] / size, ".2f")]
             for k, label in labels.items()]
+    spread = r.get("spread", {})
     return _table(f"### 3. Load (Medium depth {r['depth']}, FP16 file {_gb(size)}, FP8 file "
-                  f"{_gb(r['fp8_file_bytes'])}; peak RSS net of imports)",
-                  ["path", "seconds", "peak RSS", "x FP16 file"], rows)
+                  f"{_gb(r['fp8_file_bytes'])}; peak RSS net of imports; seconds: the median round)",
+                  ["path", "seconds", "peak RSS", "x FP16 file"], rows) + [
+        "", f"Per round: ours / ComfyUI time {_spread(spread.get('ours_model_over_comfy_time'))}; FP8 / FP16 file "
+            f"read time {_spread(spread.get('fp8_over_fp16_time'))}."]
 
 
 def step(s: dict) -> list[str]:
-    header = ["variant", "s / forward", "x fp32", "output rel. err"]
+    header = ["variant", "s / forward (median)", "x fp32 (median of rounds, spread)", "output rel. err"]
 
     def rows(r: dict) -> list[list]:
-        return [[name, _f(sec, ".2f"), _f(sec / r["seconds"]["fp32"], ".2f"), _f(r["rel_err"].get(name), ".4f")]
-                for name, sec in r["seconds"].items()]
+        ratio = {name: _spread(v) for name, v in r.get("spread", {}).items()}
+        return [[name, _f(sec, ".2f"), ratio.get(name, _f(sec / r["seconds"]["fp32"], ".2f")),
+                 _f(r["rel_err"].get(name), ".4f")] for name, sec in r["seconds"].items()]
 
     lines = _table(f"### 4. CPU step ({s['variant']} depth {s['depth']}, full width, {s['pixels']}px: "
                    f"{s['image_tokens']} image + {s['context_tokens']} text tokens, 2 threads)", header, rows(s))
@@ -174,18 +189,24 @@ RENDER = {"memory": memory, "quantize": quantize, "load": load, "step": step, "f
           "soak": soak_table}
 
 
-def render(results: dict) -> str:
-    m = results.get("machine", {})
-    lines = [f"## Benchmark ({results.get('mode')} run, {results.get('date')})", "",
-             f"Machine: {m.get('cpu')}, {m.get('cores')} cores ({m.get('threads_used')} threads used), "
-             f"{m.get('ram_gib')} GiB RAM; torch {results.get('torch')}. Random weights (see bench/README.md).", ""]
+def render(results: dict, only: list[str] | None = None) -> str:
+    """The whole results as Markdown, or (`only`) just those sections' tables."""
+    lines = []
+    if only is None:
+        m = results.get("machine", {})
+        lines += [f"## Benchmark ({results.get('mode')} run, {results.get('date')})", "",
+                  f"Machine: {m.get('cpu')}, {m.get('cores')} cores ({m.get('threads_used')} threads used), "
+                  f"{m.get('ram_gib')} GiB RAM; torch {results.get('torch')}. Random weights (see bench/README.md).",
+                  ""]
     for name, fn in RENDER.items():
         section = results.get(name)
+        if only is not None and name not in only:
+            continue
         if isinstance(section, dict) and "error" in section:
             lines += [f"### {'Soak' if name == 'soak' else name}: failed: {section['error'].splitlines()[-1]}", ""]
         elif isinstance(section, dict):
             lines += fn(section) + [""]
-    return "\n".join(lines + goals(results.get("goals", {})))
+    return "\n".join(lines + (goals(results.get("goals", {})) if only is None else []))
 
 
 if __name__ == "__main__":

@@ -143,6 +143,36 @@ def test_pickle_files_are_refused_without_unpickling(tmp_path):
     assert not marker.exists()
 
 
+def test_mapped_reads_never_write_the_file_and_kept_tensors_own_their_memory(fixture_files, tmp_path):
+    """Tensors are quantized from private maps of the file: what the model keeps as it was read (norms, biases,
+    protected layers) is copied out, so changing it in place changes neither the file nor a second load."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(fixture_files["medium_transformer"].read_bytes())
+    before = path.read_bytes()
+    config = QuantConfig(protect_patterns="joint_blocks.1.*")
+    first, _, report = quantize_safetensors_stream(path, config)
+    kept = [k for k, v in first.items() if v.dtype == torch.float16]
+    assert "joint_blocks.1.x_block.mlp.fc1.weight" in kept and report.n_protected > 0
+    with open("/proc/self/maps") as maps:  # the address ranges still mapped from the file (none should hold a tensor)
+        ranges = [[int(a, 16) for a in line.split()[0].split("-")] for line in maps if str(path) in line]
+    assert not [k for k in first if any(lo <= first[k].data_ptr() < hi for lo, hi in ranges)]
+    for tensor in first.values():
+        tensor.reshape(-1).view(torch.uint8).bitwise_not_()
+    assert path.read_bytes() == before
+    second, _, _ = quantize_safetensors_stream(path, config)
+    assert all(torch.equal(second[k], load_file(str(path))[k]) for k in kept)
+
+
+def test_a_file_cut_after_its_header_was_checked_is_refused(fixture_files, tmp_path):
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(fixture_files["medium_transformer"].read_bytes())
+    header = check_safetensors(path, "model_name")
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    with pytest.raises(ValueError, match="cut.safetensors is truncated .*re-download it"):
+        quantize_safetensors_stream(path, QuantConfig(), header=header)
+
+
 def test_truncated_and_corrupt_files_name_the_input(fixture_files, tmp_path):
     data = fixture_files["large_transformer"].read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
