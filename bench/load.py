@@ -5,7 +5,8 @@ temporary folder (full: depth 24, 4.9 GB; quick: depth 4, full width). Then each
 loader path, the stream quantize alone, ComfyUI's own FP16 load, a plain read of our saved FP8 file and of the FP16
 file) runs in a fresh process. The two model loads and the two plain reads alternate over several rounds; a time
 ratio is the median of the rounds' ratios, with their spread. Peak RSS is reported net of the process's RSS before
-the load (interpreter, torch, ComfyUI imports). Files are read warm from the page cache (both were just written).
+the load (interpreter, torch, ComfyUI imports). Files are read warm from the page cache (read through once just
+before each measured load).
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ def write_checkpoint(path: Path, variant: str, depth: int) -> int:
     return path.stat().st_size
 
 
+def _warm(path: Path) -> None:
+    """Read `path` into the page cache, so each measured load reads it warm (this VM's kernel reclaims idle page
+    cache within minutes: a load that found the file evicted measured the disk, 2-6x slower)."""
+    buffer = bytearray(64 << 20)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buffer):
+            pass
+
+
 def _net(r: dict) -> int:
     return r["peak_rss"] - r["rss_before"]
 
@@ -65,6 +75,7 @@ def run(quick: bool, workdir: str | None = None) -> dict:
         for i in range(3 if quick else 5):
             log(f"load: round {i + 1}: {', '.join(measured)}")
             for name, (mode, file) in measured.items():
+                _warm(file)
                 rounds[name].append(run_child("bench.load_child", mode, file))
         fp8_size = fp8.stat().st_size
     for mode, results in rounds.items():  # the median round of each (its peak RSS with it)
@@ -86,5 +97,6 @@ def run(quick: bool, workdir: str | None = None) -> dict:
         "net_peak_rss": {m: _net(r) for m, r in runs.items() if "imports" not in m and m != "save_fp8"},
         "baseline_peak_rss": {m: runs[m]["peak_rss"] for m in ("imports", "comfy_imports")},
         "model_bytes": {m: runs[m].get("bytes") for m in ("ours_model", "comfy_fp16")},
-        "note": "peak RSS net of the process's RSS before the load; files read warm from the page cache",
+        "note": "peak RSS net of the process's RSS before the load; files read warm from the page cache (read through "
+                "just before each load); seconds: each path's median round",
     }

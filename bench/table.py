@@ -67,7 +67,7 @@ def load(r: dict) -> list[str]:
             for k, label in labels.items()]
     spread = r.get("spread", {})
     return _table(f"### 3. Load (Medium depth {r['depth']}, FP16 file {_gb(size)}, FP8 file "
-                  f"{_gb(r['fp8_file_bytes'])}; peak RSS net of imports; seconds: the median round)",
+                  f"{_gb(r['fp8_file_bytes'])}; peak RSS net of imports; seconds: each path's median round)",
                   ["path", "seconds", "peak RSS", "x FP16 file"], rows) + [
         "", f"Per round: ours / ComfyUI time {_spread(spread.get('ours_model_over_comfy_time'))}; FP8 / FP16 file "
             f"read time {_spread(spread.get('fp8_over_fp16_time'))}."]
