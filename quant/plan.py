@@ -152,7 +152,7 @@ def make_plan(config: QuantConfig, shapes: Mapping[str, tuple[int, ...]], dtypes
     return Plan(config, policy, {key: decide(key) for key in shapes})
 
 
-def _nbytes(*tensors: torch.Tensor | None) -> int:
+def nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -186,6 +186,6 @@ def apply(decision: Decision, tensor: torch.Tensor, config: QuantConfig, report:
     elif action == PROTECTED:
         row_action = "protected"
     report.add(LayerReport(name, tuple(tensor.shape), str(tensor.dtype), str(stored.dtype),
-                           _nbytes(tensor, stored_scale if action == HELD else None), _nbytes(stored, stored_scale),
+                           nbytes(tensor, stored_scale if action == HELD else None), nbytes(stored, stored_scale),
                            error, row_action))
     return stored, stored_scale
