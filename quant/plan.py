@@ -9,11 +9,12 @@ call `apply` and store what it returns. A report column is added in report.py an
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import torch
 
+from .budget import fit_budget
 from .checkpoint import LEGACY_MARKER
 from .config import QuantConfig
 from .formats import FP8_DTYPES, quantize_unit_scale, quantize_weight_with_error
@@ -76,8 +77,13 @@ class Plan:
         return Report(rule=self.policy.rule if rule is None else rule, warnings=list(self.policy.warnings),
                       fp8_format=self.config.fp8_format, scaling=self.config.scaling, backend=self.config.backend)
 
-    @staticmethod
-    def finish(report: Report) -> Report:
+    def finish(self, report: Report, store: Callable[[str, Decision], None] | None = None,
+               source: Callable[[str], torch.Tensor] | None = None, itemsize: int | None = None) -> Report:
+        """The report of a finished pass, with its closing warning. With a memory budget and `store`: first fit the
+        budget (quant.budget.fit_budget: `source`, `itemsize`) and `store` each tensor whose decision it changes."""
+        if store is not None and self.config.memory_budget is not None:
+            for key, decision in fit_budget(self, report, self.config.memory_budget, source, itemsize).items():
+                store(key, decision)
         if report.n_already_fp8:
             report.warnings.append(f"the input already holds {report.n_already_fp8} FP8 layer(s): they were kept "
                                    "as they are")

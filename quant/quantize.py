@@ -12,7 +12,6 @@ from collections.abc import Mapping
 
 import torch
 
-from .budget import fit_budget
 from .config import QuantConfig
 from .linear import FP8Linear
 from .plan import FP8, UNIT_SCALE, Decision, apply, make_plan
@@ -74,8 +73,4 @@ def quantize(module: torch.nn.Module, config: QuantConfig | None = None, policy:
     for key in tensors:
         if key not in skip:
             store(key, plan[key])
-    if config.memory_budget is not None:
-        for key, decision in fit_budget(plan, report, config.memory_budget, tensors.__getitem__,
-                                        budget_itemsize).items():
-            store(key, decision)
-    return target, plan.finish(report)
+    return target, plan.finish(report, store, tensors.__getitem__, budget_itemsize)
