@@ -67,7 +67,7 @@ class SD35FP8SaveModel(PackNode):
                 io.Model.Input("model", tooltip="An FP8 model from the FP8 loaders or Quantize Model to FP8."),
                 io.String.Input("filename_prefix", default="diffusion_models/sd35_fp8",
                                 tooltip="Path under the output folder; a counter is appended."),
-                io.Combo.Input("layout", options=["auto", "stock_compatible"], default="stock_compatible",
+                io.Combo.Input("layout", options=sorted(LAYOUTS), default="stock_compatible",
                                optional=True,
                                tooltip="stock_compatible (default): one float8_e4m3fn scale per layer, the form every "
                                        "ComfyUI with mixed-precision support runs natively (0.8+ on FP8 GPUs "
