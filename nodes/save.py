@@ -17,6 +17,7 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..quant.checkpoint import LAYOUTS, save_quantized, to_stock_layout
+from ..quant.config import check_choice
 from ..quant.formats import format_name, is_fp8
 from ..quant.plan import SCALE_SUFFIXES
 from ..quant.policy import UNIT_SCALE_TENSORS
@@ -81,8 +82,7 @@ class SD35FP8SaveModel(PackNode):
 
     @classmethod
     def execute(cls, model, filename_prefix, layout="stock_compatible") -> io.NodeOutput:
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout: {layout!r} is not one of {sorted(LAYOUTS)}")
+        check_choice("layout", layout, sorted(LAYOUTS))
         output_dir = folder_paths.get_output_directory()
         inside = os.path.abspath(output_dir)
         target = os.path.abspath(os.path.join(inside, os.path.normpath(filename_prefix)))

@@ -16,7 +16,7 @@ import torch
 
 from .budget import fit_budget
 from .checkpoint import LEGACY_MARKER
-from .config import QuantConfig
+from .config import QuantConfig, check_choice
 from .formats import FP8_DTYPES, quantize_unit_scale, quantize_weight_with_error
 from .policy import ProtectionPolicy, resolve_policy
 from .report import LayerReport, Report
@@ -56,8 +56,7 @@ class Decision:
 
 
 def choose_encoders(option: str, value: str, choices: Mapping[str, tuple[str, ...]]) -> tuple[str, ...]:
-    if value not in choices:
-        raise ValueError(f"{option}: {value!r} is not one of {list(choices)}")
+    check_choice(option, value, choices)
     return choices[value]
 
 
