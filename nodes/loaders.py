@@ -23,7 +23,7 @@ from comfy_api.v0_0_2 import io
 from ..quant.budget import parse_budget
 from ..quant.checkpoint import QUANT_METADATA_KEY, SAFETENSORS_DTYPES, refuse_pickle
 from ..quant.config import QuantConfig
-from ..quant.plan import LOADER_TEXT_ENCODER_CHOICES
+from ..quant.plan import CHECKPOINT_MODEL_PREFIX, LOADER_TEXT_ENCODER_CHOICES
 from ..quant.streaming import quantize_safetensors_stream, quantize_state_dict
 from .budget import memory_budget_input, resolve_budget
 from .common import CATEGORY, PackNode, protect_patterns_input, quant_inputs, record_info
@@ -147,10 +147,10 @@ class SD35FP8CheckpointLoader(PackNode):
         else:
             settings = {"fp8_format": fp8_format, "scaling": scaling, "protect_preset": protect_preset,
                         "compute": compute, "protect_patterns": protect_patterns}
-            sd, report, dtype = _quantize_file(path, header, "model.diffusion_model.", settings, memory_budget,
+            sd, report, dtype = _quantize_file(path, header, CHECKPOINT_MODEL_PREFIX, settings, memory_budget,
                                                text_encoders=text_encoder_fp8)
             ops = make_fp8_ops(compute)
-            with fp8_tables_in_place(sd, "model.diffusion_model."):
+            with fp8_tables_in_place(sd, CHECKPOINT_MODEL_PREFIX):
                 model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
                     sd, embedding_directory=embeddings, model_options={"custom_operations": ops, "dtype": dtype},
                     te_model_options={"custom_operations": ops}, metadata=_metadata(header))

@@ -41,6 +41,7 @@ LOADER_TEXT_ENCODER_CHOICES = {"t5xxl_only": ("t5xxl",), "none": (), "all": TEXT
 CLIP_NODE_ENCODER_CHOICES = {"t5xxl": ("t5xxl",), "t5xxl_and_clip_g": ("t5xxl", "clip_g"), "all": TEXT_ENCODERS}
 TEXT_ENCODER_KEEP = ("embed", "shared", "relative_attention_bias", "text_projection", "position")
 CHECKPOINT_TEXT_ENCODER_PREFIX = "text_encoders."  # SD3.5 all-in-one checkpoints: text_encoders.<name>.
+CHECKPOINT_MODEL_PREFIX = "model.diffusion_model."  # and their diffusion model's keys
 
 
 class UnsupportedQuantFormat(ValueError):
