@@ -31,7 +31,8 @@ COMPANION = "companion"  # a scale, marker or quantization entry, read with its 
 OUTSIDE = "outside"  # not part of what is quantized (VAE, text encoders not chosen): passed through, not reported
 
 # A layer's scales (ours, ComfyUI's mixed-precision and legacy names) and the per-file markers.
-SCALE_SUFFIXES = (".weight_scale", ".scale_weight", ".input_scale", ".scale_input")
+WEIGHT_SCALE_SUFFIXES = (".weight_scale", ".scale_weight")
+SCALE_SUFFIXES = (*WEIGHT_SCALE_SUFFIXES, ".input_scale", ".scale_input")
 QUANT_ENTRY_SUFFIX = ".comfy_quant"  # ComfyUI 0.8.0's per-layer quantization entry (JSON in a uint8 tensor)
 
 # SD3.5's text encoders, the node options that choose them, and their 2-D weights that stay 16-bit (embedding
@@ -130,7 +131,7 @@ def make_plan(config: QuantConfig, shapes: Mapping[str, tuple[int, ...]], dtypes
             return Decision(UNIT_SCALE, "SD3 table: FP8 with scale 1.0", rel, True)
         if dtype in FP8_DTYPES.values():  # wherever it is: its scale must travel with it
             base = key.removesuffix(".weight")
-            if is_layer(key) or base + ".weight_scale" in shapes or base + ".scale_weight" in shapes:
+            if is_layer(key) or any(base + suffix in shapes for suffix in WEIGHT_SCALE_SUFFIXES):
                 return Decision(HELD, "already FP8 with its scale", layer, in_model)
             if linears is not None:  # a live model: the host loaded it so and runs it so
                 return Decision(KEPT, "float8 as the host loaded it", rel, in_model)
