@@ -171,12 +171,12 @@ def draw_tensor(key: str, shape: tuple[int, ...], seed: int, gain: float = 1.0) 
     return values * (gain / max(math.prod(shape[1:]), 1) ** 0.5)  # scaled by the fan-in
 
 
-def draw_state_dict(shapes: dict[str, tuple[int, ...]], seed: int, prefix: str = "", gain: float = 1.0,
-                    dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+def draw_state_dict(shapes: dict[str, tuple[int, ...]], seed: int, prefix: str = "",
+                    gain: float = 1.0) -> dict[str, torch.Tensor]:
     out = {}
     for key, shape in shapes.items():
         t = draw_tensor(key, shape, seed, gain)
-        out[prefix + key] = t if key.endswith("position_ids") else t.to(dtype)
+        out[prefix + key] = t if key.endswith("position_ids") else t.half()
     return out
 
 
