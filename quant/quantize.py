@@ -63,8 +63,7 @@ def quantize(module: torch.nn.Module, config: QuantConfig | None = None, policy:
         stored, scale = apply(decision, tensors[key].detach(), config, report)
         if decision.action == FP8:
             linear = originals.setdefault(decision.layer, target.get_submodule(decision.layer))
-            bias = None if linear.bias is None else linear.bias.detach()
-            _set(target, decision.layer, FP8Linear(stored, scale, bias, config.compute))
+            _set(target, decision.layer, FP8Linear(stored, scale, linear.bias, config.compute))
         elif decision.layer in originals:  # kept 16-bit by a memory budget after all
             _set(target, decision.layer, originals.pop(decision.layer))
         elif key in tables:
