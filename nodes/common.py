@@ -8,6 +8,7 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io
 
 from ..quant.config import COMPUTE_MODES, PRESETS
+from ..quant.formats import FP8_DTYPES, SCALINGS
 from ..quant.report import Report
 
 CATEGORY = "SD3.5 FP8"
@@ -49,14 +50,14 @@ def record_info(model, source: str, report: Report) -> None:
 
 def fp8_format_input(with_disabled: bool = False) -> io.Combo.Input:
     disabled = ["disabled"] if with_disabled else []
-    return io.Combo.Input("fp8_format", options=["float8_e4m3fn", "float8_e5m2", *disabled], default="float8_e4m3fn",
+    return io.Combo.Input("fp8_format", options=[*FP8_DTYPES, *disabled], default="float8_e4m3fn",
                           tooltip="FP8 storage format. e4m3fn (default): more precision, range +-448 before scaling. "
                                   "e5m2: more range, less precision; rarely better for weights."
                                   + (" disabled: load the model as stored (no FP8)." if with_disabled else ""))
 
 
 def scaling_input() -> io.Combo.Input:
-    return io.Combo.Input("scaling", options=["per_channel", "per_tensor"], default="per_channel",
+    return io.Combo.Input("scaling", options=list(SCALINGS), default="per_channel",
                           tooltip="per_channel (default): one float32 scale per output row, lowest error. "
                                   "per_tensor: one scale per layer, what older FP8 files use.")
 

@@ -23,9 +23,9 @@ from ..quant.policy import UNIT_SCALE_TENSORS
 
 
 @contextlib.contextmanager
-def fp8_tables_in_place(sd: dict[str, torch.Tensor], model_prefix: str) -> Iterator[dict[str, torch.Tensor]]:
+def fp8_tables_in_place(sd: dict[str, torch.Tensor], model_prefix: str) -> Iterator[None]:
     """While ComfyUI builds a model from `sd`: a buffer registered under a table's name with the table's shape
-    becomes the FP8 tensor from `sd` (keys `model_prefix` + name). Yields the tables found."""
+    becomes the FP8 tensor from `sd` (keys `model_prefix` + name)."""
     tables = {name: sd[model_prefix + name] for name in UNIT_SCALE_TENSORS
               if model_prefix + name in sd and is_fp8(sd[model_prefix + name])}
 
@@ -37,7 +37,7 @@ def fp8_tables_in_place(sd: dict[str, torch.Tensor], model_prefix: str) -> Itera
 
     handle = torch.nn.modules.module.register_module_buffer_registration_hook(hand_over) if tables else None
     try:
-        yield tables
+        yield
     finally:
         if handle is not None:
             handle.remove()

@@ -23,6 +23,7 @@ from comfy_api.v0_0_2 import io
 from ..quant.budget import parse_budget
 from ..quant.checkpoint import QUANT_METADATA_KEY, SAFETENSORS_DTYPES, refuse_pickle
 from ..quant.config import QuantConfig
+from ..quant.plan import CHECKPOINT_MODEL_PREFIX, LOADER_TEXT_ENCODER_CHOICES
 from ..quant.streaming import quantize_safetensors_stream, quantize_state_dict
 from .budget import memory_budget_input, resolve_budget
 from .common import CATEGORY, PackNode, protect_patterns_input, quant_inputs, record_info
@@ -118,7 +119,7 @@ class SD35FP8CheckpointLoader(PackNode):
                 io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
                                tooltip="An SD3.5 .safetensors checkpoint from models/checkpoints."),
                 *quant_inputs(with_disabled=True),
-                io.Combo.Input("text_encoder_fp8", options=["t5xxl_only", "none", "all"], default="t5xxl_only",
+                io.Combo.Input("text_encoder_fp8", options=list(LOADER_TEXT_ENCODER_CHOICES), default="t5xxl_only",
                                tooltip="Text encoders in FP8. t5xxl_only (default): T5-XXL in FP8, CLIP-L/G kept "
                                        "16-bit, as SD3.5's prompt following needs. none: all 16-bit. all: every "
                                        "text encoder in FP8."),
@@ -146,10 +147,10 @@ class SD35FP8CheckpointLoader(PackNode):
         else:
             settings = {"fp8_format": fp8_format, "scaling": scaling, "protect_preset": protect_preset,
                         "compute": compute, "protect_patterns": protect_patterns}
-            sd, report, dtype = _quantize_file(path, header, "model.diffusion_model.", settings, memory_budget,
+            sd, report, dtype = _quantize_file(path, header, CHECKPOINT_MODEL_PREFIX, settings, memory_budget,
                                                text_encoders=text_encoder_fp8)
             ops = make_fp8_ops(compute)
-            with fp8_tables_in_place(sd, "model.diffusion_model."):
+            with fp8_tables_in_place(sd, CHECKPOINT_MODEL_PREFIX):
                 model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
                     sd, embedding_directory=embeddings, model_options={"custom_operations": ops, "dtype": dtype},
                     te_model_options={"custom_operations": ops}, metadata=_metadata(header))

@@ -7,6 +7,7 @@ while the clone is loaded. The GPU therefore only ever receives the FP8 layer.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Mapping
 
@@ -14,7 +15,6 @@ import comfy.model_management
 import comfy.utils
 import torch
 
-from ..quant.budget import fit_budget
 from ..quant.config import QuantConfig
 from ..quant.plan import FP8, HELD, PROTECTED, UNIT_SCALE, Decision, apply, make_plan
 from ..quant.report import Report
@@ -82,7 +82,4 @@ def quantize_modules(patcher, root_attr: str, config: QuantConfig, *, text_encod
         comfy.model_management.throw_exception_if_processing_interrupted()
         store(key, plan[key])
         progress.update_absolute(index + 1)
-    if config.memory_budget is not None:
-        for key, decision in fit_budget(plan, report, config.memory_budget, tensors.__getitem__).items():
-            store(key, decision, redo=True)
-    return clone, plan.finish(report)
+    return clone, plan.finish(report, functools.partial(store, redo=True), tensors.__getitem__)

@@ -16,6 +16,7 @@ import psutil
 import torch
 from comfy_api.v0_0_2 import io
 
+from ..quant.config import check_choice
 from .common import CATEGORY, PackNode
 
 # Recommended settings. Sources: the Hugging Face model cards of stabilityai/stable-diffusion-3.5-large
@@ -108,8 +109,7 @@ class SD35FP8Sampler(PackNode):
 
         import nodes
 
-        if preset != "custom" and preset not in SAMPLER_PRESETS:
-            raise ValueError(f"preset: {preset!r} is not one of {['custom', *SAMPLER_PRESETS]}")
+        check_choice("preset", preset, ["custom", *SAMPLER_PRESETS])
         settings = {"steps": steps, "cfg": cfg, "sampler_name": sampler_name, "scheduler": scheduler, "shift": shift,
                     "skip_layers": skip_layers, "skip_scale": skip_scale, "skip_start": skip_start,
                     "skip_end": skip_end, **SAMPLER_PRESETS.get(preset, {})}

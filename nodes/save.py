@@ -17,6 +17,7 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..quant.checkpoint import LAYOUTS, save_quantized, to_stock_layout
+from ..quant.config import check_choice
 from ..quant.formats import format_name, is_fp8
 from ..quant.plan import SCALE_SUFFIXES
 from ..quant.policy import UNIT_SCALE_TENSORS
@@ -67,7 +68,7 @@ class SD35FP8SaveModel(PackNode):
                 io.Model.Input("model", tooltip="An FP8 model from the FP8 loaders or Quantize Model to FP8."),
                 io.String.Input("filename_prefix", default="diffusion_models/sd35_fp8",
                                 tooltip="Path under the output folder; a counter is appended."),
-                io.Combo.Input("layout", options=["auto", "stock_compatible"], default="stock_compatible",
+                io.Combo.Input("layout", options=sorted(LAYOUTS), default="stock_compatible",
                                optional=True,
                                tooltip="stock_compatible (default): one float8_e4m3fn scale per layer, the form every "
                                        "ComfyUI with mixed-precision support runs natively (0.8+ on FP8 GPUs "
@@ -81,8 +82,7 @@ class SD35FP8SaveModel(PackNode):
 
     @classmethod
     def execute(cls, model, filename_prefix, layout="stock_compatible") -> io.NodeOutput:
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout: {layout!r} is not one of {sorted(LAYOUTS)}")
+        check_choice("layout", layout, sorted(LAYOUTS))
         output_dir = folder_paths.get_output_directory()
         inside = os.path.abspath(output_dir)
         target = os.path.abspath(os.path.join(inside, os.path.normpath(filename_prefix)))

@@ -169,7 +169,7 @@ def fit_budget(plan, report, budget: int, source: Callable[[str], torch.Tensor],
         if decision.action in (FP8, UNIT_SCALE) and row.action == "fp8":
             candidates.append(Candidate(key, decision.layer, row.bytes_after, wide(row), row.rel_error, False,
                                         group_factor(decision.layer, variant)[1]))
-        elif decision.action == PROTECTED and decision.rule.startswith(("preset ", "generic rule")):
+        elif decision.action == PROTECTED and decision.layer in plan.policy.by_preset:
             rows_out = row.shape[0] if plan.config.scaling == "per_channel" else 1
             candidates.append(Candidate(key, decision.layer, math.prod(row.shape) + 4 * rows_out, wide(row), None,
                                         True, group_factor(decision.layer, variant)[1]))

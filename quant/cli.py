@@ -18,10 +18,8 @@ from .budget import auto_budget, parse_budget
 from .checkpoint import LAYOUTS, STOCK_FORMAT, inspect_file, save_quantized, to_stock_layout
 from .config import BACKENDS, PRESETS, QuantConfig
 from .formats import FP8_DTYPES, SCALINGS
-from .plan import LOADER_TEXT_ENCODER_CHOICES
+from .plan import CHECKPOINT_MODEL_PREFIX, LOADER_TEXT_ENCODER_CHOICES
 from .streaming import quantize_safetensors_stream
-
-DIFFUSION_PREFIX = "model.diffusion_model."
 
 
 def _progress_bar(label: str):
@@ -72,13 +70,13 @@ def convert(args: argparse.Namespace) -> int:
     config = QuantConfig(fp8_format=fp8_format, scaling=scaling, protect_preset=args.preset,
                          protect_patterns=tuple(args.protect or ()), backend=args.backend,
                          memory_budget=_budget(args.budget))
-    sd, formats, report = quantize_safetensors_stream(args.input, config, model_prefix=DIFFUSION_PREFIX,
+    sd, formats, report = quantize_safetensors_stream(args.input, config, model_prefix=CHECKPOINT_MODEL_PREFIX,
                                                       text_encoders=args.text_encoders,
                                                       progress=_progress_bar("quantizing"))
     metadata = {"sd35_fp8.source": Path(args.input).name, "sd35_fp8.rule": report.rule,
                 "sd35_fp8.fp8_format": fp8_format, "sd35_fp8.scaling": scaling, "sd35_fp8.layout": args.layout}
     # layer names in the metadata are relative to the diffusion model, in all-in-one files too
-    prefix = DIFFUSION_PREFIX if any(k.startswith(DIFFUSION_PREFIX) for k in sd) else ""
+    prefix = CHECKPOINT_MODEL_PREFIX if any(k.startswith(CHECKPOINT_MODEL_PREFIX) for k in sd) else ""
     if args.layout == "stock_compatible":  # layers that arrived in FP8 with per-channel or e5m2 scales
         to_stock_layout(sd, formats, prefix)
     out = save_quantized(args.output, sd, formats, metadata=metadata, overwrite=args.overwrite, model_prefix=prefix)

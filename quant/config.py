@@ -6,6 +6,7 @@ Frozen so one config can be shared between loads without leaking state
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from .formats import FP8_DTYPES, SCALINGS
@@ -15,7 +16,7 @@ COMPUTE_MODES: tuple[str, ...] = ("auto", "fp8_matmul", "weight_only")
 BACKENDS: tuple[str, ...] = ("native", "quanto")
 
 
-def _check_choice(field_name: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(field_name: str, value: str, choices: Collection[str]) -> None:
     if value not in choices:
         raise ValueError(f"{field_name}: {value!r} is not one of {list(choices)}")
 
@@ -33,11 +34,11 @@ class QuantConfig:
     memory_budget: int | None = None  # bytes for the diffusion model's weights (quant.budget); None: the preset decides
 
     def __post_init__(self) -> None:
-        _check_choice("fp8_format", self.fp8_format, tuple(FP8_DTYPES))
-        _check_choice("scaling", self.scaling, SCALINGS)
-        _check_choice("protect_preset", self.protect_preset, PRESETS)
-        _check_choice("compute", self.compute, COMPUTE_MODES)
-        _check_choice("backend", self.backend, BACKENDS)
+        check_choice("fp8_format", self.fp8_format, FP8_DTYPES)
+        check_choice("scaling", self.scaling, SCALINGS)
+        check_choice("protect_preset", self.protect_preset, PRESETS)
+        check_choice("compute", self.compute, COMPUTE_MODES)
+        check_choice("backend", self.backend, BACKENDS)
         if self.memory_budget is not None and (not isinstance(self.memory_budget, int) or self.memory_budget <= 0):
             raise ValueError(f"memory_budget: {self.memory_budget!r} is not a number of bytes above 0")
         if self.memory_budget is not None and self.backend != "native":

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import COMPUTE_MODES, check_choice
+
 FP8_MATMUL_MIN_CC = (8, 9)
 ROCM_FP8_ARCHS = ("gfx94", "gfx95")
 
@@ -119,10 +121,9 @@ def probe_device(device: str | torch.device = "cpu") -> DeviceCapability:
 
 def resolve_compute(compute: str, device: str | torch.device) -> str:
     """`auto` -> fp8_matmul or weight_only for this device; an explicit fp8_matmul that cannot run is an error."""
+    check_choice("compute", compute, COMPUTE_MODES)
     if compute == "weight_only":
         return compute
-    if compute not in ("auto", "fp8_matmul"):
-        raise ValueError(f"compute: {compute!r} is not one of ['auto', 'fp8_matmul', 'weight_only']")
     cap = probe_device(device)
     if compute == "auto":
         return cap.recommended_compute

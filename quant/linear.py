@@ -125,8 +125,7 @@ class FP8Linear(FP8LinearMixin, torch.nn.Module):
     def from_linear(cls, linear: torch.nn.Linear, fp8_format: str = "float8_e4m3fn", scaling: str = "per_channel",
                     compute: str = "auto", name: str = "weight") -> FP8Linear:
         qweight, scale = quantize_weight(linear.weight.detach(), fp8_format, scaling, name=name)
-        bias = None if linear.bias is None else linear.bias.detach()
-        return cls(qweight, scale, bias, compute)
+        return cls(qweight, scale, linear.bias, compute)  # __init__ keeps a detached copy of the bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fp8_forward(x, self.weight, self.weight_scale, self.bias)

@@ -55,7 +55,7 @@ def _blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, k.view(1, 1, 1, -1))
 
 
-def ssim_per_image(image_a: torch.Tensor, image_b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+def ssim_per_image(image_a: torch.Tensor, image_b: torch.Tensor) -> torch.Tensor:
     """SSIM of each image pair (mean over the interior and the channels), float64 [batch]."""
     check_same_size(image_a, image_b)
     b, h, w, c = image_a.shape
@@ -66,16 +66,16 @@ def ssim_per_image(image_a: torch.Tensor, image_b: torch.Tensor, data_range: flo
     sxx = _blur(x * x, kernel) - mu_x * mu_x
     syy = _blur(y * y, kernel) - mu_y * mu_y
     sxy = _blur(x * y, kernel) - mu_x * mu_y
-    c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
+    c1, c2 = K1**2, K2**2  # data range 1.0
     s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
     return s.reshape(b, c, -1).mean(dim=2).mean(dim=1)
 
 
-def psnr_per_image(image_a: torch.Tensor, image_b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+def psnr_per_image(image_a: torch.Tensor, image_b: torch.Tensor) -> torch.Tensor:
     """PSNR in dB of each pair (inf where identical), float64 [batch]."""
     check_same_size(image_a, image_b)
     mse = (image_a.double() - image_b.double()).pow(2).flatten(1).mean(dim=1)
-    return torch.where(mse > 0, 10 * torch.log10(data_range**2 / mse), torch.full_like(mse, math.inf))
+    return torch.where(mse > 0, 10 * torch.log10(1.0 / mse), torch.full_like(mse, math.inf))
 
 
 def compare_images(image_a: torch.Tensor, image_b: torch.Tensor) -> dict:
@@ -85,10 +85,10 @@ def compare_images(image_a: torch.Tensor, image_b: torch.Tensor) -> dict:
     return {"ssim": float(ssim.mean()), "psnr": float(psnr.mean()), "per_image": per_image}
 
 
-def difference_image(image_a: torch.Tensor, image_b: torch.Tensor, gain: float = DIFF_GAIN) -> torch.Tensor:
-    """|a - b| amplified, as an IMAGE (float32, 0..1)."""
+def difference_image(image_a: torch.Tensor, image_b: torch.Tensor) -> torch.Tensor:
+    """|a - b| amplified DIFF_GAIN times, as an IMAGE (float32, 0..1)."""
     check_same_size(image_a, image_b)
-    return ((image_a.float() - image_b.float()).abs() * gain).clamp_(0.0, 1.0)
+    return ((image_a.float() - image_b.float()).abs() * DIFF_GAIN).clamp_(0.0, 1.0)
 
 
 def verdict(ssim: float) -> str:

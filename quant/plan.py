@@ -9,13 +9,14 @@ call `apply` and store what it returns. A report column is added in report.py an
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import torch
 
+from .budget import fit_budget
 from .checkpoint import LEGACY_MARKER
-from .config import QuantConfig
+from .config import QuantConfig, check_choice
 from .formats import FP8_DTYPES, quantize_unit_scale, quantize_weight_with_error
 from .policy import ProtectionPolicy, resolve_policy
 from .report import LayerReport, Report
@@ -30,7 +31,8 @@ COMPANION = "companion"  # a scale, marker or quantization entry, read with its 
 OUTSIDE = "outside"  # not part of what is quantized (VAE, text encoders not chosen): passed through, not reported
 
 # A layer's scales (ours, ComfyUI's mixed-precision and legacy names) and the per-file markers.
-SCALE_SUFFIXES = (".weight_scale", ".scale_weight", ".input_scale", ".scale_input")
+WEIGHT_SCALE_SUFFIXES = (".weight_scale", ".scale_weight")
+SCALE_SUFFIXES = (*WEIGHT_SCALE_SUFFIXES, ".input_scale", ".scale_input")
 QUANT_ENTRY_SUFFIX = ".comfy_quant"  # ComfyUI 0.8.0's per-layer quantization entry (JSON in a uint8 tensor)
 
 # SD3.5's text encoders, the node options that choose them, and their 2-D weights that stay 16-bit (embedding
@@ -40,6 +42,7 @@ LOADER_TEXT_ENCODER_CHOICES = {"t5xxl_only": ("t5xxl",), "none": (), "all": TEXT
 CLIP_NODE_ENCODER_CHOICES = {"t5xxl": ("t5xxl",), "t5xxl_and_clip_g": ("t5xxl", "clip_g"), "all": TEXT_ENCODERS}
 TEXT_ENCODER_KEEP = ("embed", "shared", "relative_attention_bias", "text_projection", "position")
 CHECKPOINT_TEXT_ENCODER_PREFIX = "text_encoders."  # SD3.5 all-in-one checkpoints: text_encoders.<name>.
+CHECKPOINT_MODEL_PREFIX = "model.diffusion_model."  # and their diffusion model's keys
 
 
 class UnsupportedQuantFormat(ValueError):
@@ -55,8 +58,7 @@ class Decision:
 
 
 def choose_encoders(option: str, value: str, choices: Mapping[str, tuple[str, ...]]) -> tuple[str, ...]:
-    if value not in choices:
-        raise ValueError(f"{option}: {value!r} is not one of {list(choices)}")
+    check_choice(option, value, choices)
     return choices[value]
 
 
@@ -76,8 +78,13 @@ class Plan:
         return Report(rule=self.policy.rule if rule is None else rule, warnings=list(self.policy.warnings),
                       fp8_format=self.config.fp8_format, scaling=self.config.scaling, backend=self.config.backend)
 
-    @staticmethod
-    def finish(report: Report) -> Report:
+    def finish(self, report: Report, store: Callable[[str, Decision], None] | None = None,
+               source: Callable[[str], torch.Tensor] | None = None, itemsize: int | None = None) -> Report:
+        """The report of a finished pass, with its closing warning. With a memory budget and `store`: first fit the
+        budget (quant.budget.fit_budget: `source`, `itemsize`) and `store` each tensor whose decision it changes."""
+        if store is not None and self.config.memory_budget is not None:
+            for key, decision in fit_budget(self, report, self.config.memory_budget, source, itemsize).items():
+                store(key, decision)
         if report.n_already_fp8:
             report.warnings.append(f"the input already holds {report.n_already_fp8} FP8 layer(s): they were kept "
                                    "as they are")
@@ -124,7 +131,7 @@ def make_plan(config: QuantConfig, shapes: Mapping[str, tuple[int, ...]], dtypes
             return Decision(UNIT_SCALE, "SD3 table: FP8 with scale 1.0", rel, True)
         if dtype in FP8_DTYPES.values():  # wherever it is: its scale must travel with it
             base = key.removesuffix(".weight")
-            if is_layer(key) or base + ".weight_scale" in shapes or base + ".scale_weight" in shapes:
+            if is_layer(key) or any(base + suffix in shapes for suffix in WEIGHT_SCALE_SUFFIXES):
                 return Decision(HELD, "already FP8 with its scale", layer, in_model)
             if linears is not None:  # a live model: the host loaded it so and runs it so
                 return Decision(KEPT, "float8 as the host loaded it", rel, in_model)
@@ -152,7 +159,7 @@ def make_plan(config: QuantConfig, shapes: Mapping[str, tuple[int, ...]], dtypes
     return Plan(config, policy, {key: decide(key) for key in shapes})
 
 
-def _nbytes(*tensors: torch.Tensor | None) -> int:
+def nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -186,6 +193,6 @@ def apply(decision: Decision, tensor: torch.Tensor, config: QuantConfig, report:
     elif action == PROTECTED:
         row_action = "protected"
     report.add(LayerReport(name, tuple(tensor.shape), str(tensor.dtype), str(stored.dtype),
-                           _nbytes(tensor, stored_scale if action == HELD else None), _nbytes(stored, stored_scale),
+                           nbytes(tensor, stored_scale if action == HELD else None), nbytes(stored, stored_scale),
                            error, row_action))
     return stored, stored_scale

@@ -125,6 +125,7 @@ class ProtectionPolicy:
     variant: Variant = Variant(None)
     unit_scale: frozenset[str] = frozenset()  # non-Linear tensors to store in FP8 with scale 1.0
     reasons: dict[str, str] = field(default_factory=dict)  # protected layer -> the preset glob or pattern line
+    by_preset: frozenset[str] = frozenset()  # protected by the preset (or generic rule) alone: a budget may demote
 
     def should_quantize(self, name: str, shape: tuple[int, ...]) -> bool:
         return len(shape) == 2 and name.removesuffix(".weight") not in self.protected
@@ -165,17 +166,19 @@ def resolve_policy(config: QuantConfig, shapes: Mapping[str, tuple[int, ...]], h
         reasons = _apply(preset, names)
         rule = f"preset {preset}" + (f" ({variant.describe()})" if variant.name else "")
     tables = [n for n in UNIT_SCALE_TENSORS if variant.name is not None and len(shapes.get(n, ())) >= 2]
+    by_preset = set(reasons)
     for pattern in user:
         matched = {n for n in names + tables if pattern.match(n)}
         if not matched:
             warnings.append(f"protect_patterns line {pattern.line}: {pattern.text!r} matches no layer")
         reasons.update(dict.fromkeys(matched, f"protect_patterns line {pattern.line}: {pattern.text}"))
+        by_preset -= matched
     unit_scale = frozenset(n for n in tables if n not in reasons)
     if unit_scale:
         rule += f"; {', '.join(sorted(unit_scale))} FP8 (scale 1)"
     if user:
         rule += f"; plus {len(user)} user pattern(s)"
-    return ProtectionPolicy(rule, frozenset(reasons), warnings, variant, unit_scale, reasons)
+    return ProtectionPolicy(rule, frozenset(reasons), warnings, variant, unit_scale, reasons, frozenset(by_preset))
 
 
 def _apply(preset: str, names: list[str]) -> dict[str, str]:

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 
 import torch
 
-from .budget import fit_budget
 from .config import QuantConfig
 from .linear import FP8Linear
 from .plan import FP8, UNIT_SCALE, Decision, apply, make_plan
@@ -64,8 +63,7 @@ def quantize(module: torch.nn.Module, config: QuantConfig | None = None, policy:
         stored, scale = apply(decision, tensors[key].detach(), config, report)
         if decision.action == FP8:
             linear = originals.setdefault(decision.layer, target.get_submodule(decision.layer))
-            bias = None if linear.bias is None else linear.bias.detach()
-            _set(target, decision.layer, FP8Linear(stored, scale, bias, config.compute))
+            _set(target, decision.layer, FP8Linear(stored, scale, linear.bias, config.compute))
         elif decision.layer in originals:  # kept 16-bit by a memory budget after all
             _set(target, decision.layer, originals.pop(decision.layer))
         elif key in tables:
@@ -74,8 +72,4 @@ def quantize(module: torch.nn.Module, config: QuantConfig | None = None, policy:
     for key in tensors:
         if key not in skip:
             store(key, plan[key])
-    if config.memory_budget is not None:
-        for key, decision in fit_budget(plan, report, config.memory_budget, tensors.__getitem__,
-                                        budget_itemsize).items():
-            store(key, decision)
-    return target, plan.finish(report)
+    return target, plan.finish(report, store, tensors.__getitem__, budget_itemsize)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .formats import relative_error
-from .plan import FP8, Plan
+from .plan import FP8, Plan, nbytes
 from .report import LayerReport, Report
 
 
@@ -42,11 +42,6 @@ def quanto_quantize_weight(weight: torch.Tensor, fp8_format: str, scaling: str,
     return qweight._data, qweight._scale.float(), relative_error(weight, qweight.dequantize())
 
 
-def _nbytes(t) -> int:
-    parts = (t._data, t._scale) if hasattr(t, "_data") and hasattr(t, "_scale") else (t,)
-    return sum(p.numel() * p.element_size() for p in parts)
-
-
 def quantize_quanto(target: torch.nn.Module, plan: Plan, report: Report) -> set[str]:
     """In place: quanto's qfloat8 on the Linear layers the plan marks FP8; their rows go into `report`.
     Returns the keys handled (the FP8 layers' weights)."""
@@ -66,6 +61,6 @@ def quantize_quanto(target: torch.nn.Module, plan: Plan, report: Report) -> set[
         multiplied = layer.qweight if hasattr(layer, "qweight") else layer.weight  # what the QLinear multiplies with
         multiplied = multiplied.dequantize() if hasattr(multiplied, "dequantize") else multiplied
         report.add(LayerReport(name, tuple(weight.shape), str(weight.dtype), str(stored.dtype),
-                               weight.numel() * weight.element_size(), _nbytes(layer.weight),
+                               nbytes(weight), nbytes(stored, getattr(layer.weight, "_scale", None)),
                                relative_error(weight, multiplied), FP8))
     return set(chosen.values())

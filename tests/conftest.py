@@ -8,9 +8,6 @@ base folder for models, input and output, with this repo linked into custom_node
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -52,10 +49,7 @@ def fixture_files() -> dict:
     """Build (or reuse) the tiny checkpoints; returns {name: path} plus the manifest. They are data: one host
     (the first) builds them for every host's run."""
     out = CACHE / "fixtures"
-    builder = comfy_host.materialise(CACHE, comfy_host.HOSTS[0])
-    subprocess.run([sys.executable, "-m", "tools.tiny_sd35", "--comfy", str(builder), "--out", str(out)],
-                   check=True, stdout=subprocess.DEVNULL, env={**os.environ, "COMFY_FP8_DEVICE": ""})
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = tiny_sd35.build_in_subprocess(comfy_host.materialise(CACHE, comfy_host.HOSTS[0]), out)
     files = {"dir": out, "manifest": manifest}
     for variant, entry in manifest["files"].items():
         for kind in ("all_in_one", "transformer", "diffusers", "text_encoder"):

@@ -170,10 +170,10 @@ def make_base_dir(base_dir: str | Path, pack_dir: str | Path, pack_name: str = "
     return base
 
 
-def link_model(base_dir: str | Path, folder: str, source: str | Path, name: str | None = None) -> str:
+def link_model(base_dir: str | Path, folder: str, source: str | Path) -> str:
     """Symlink a model file or folder into models/<folder>/ and return the name ComfyUI lists."""
     source = Path(source).resolve()
-    dest = Path(base_dir) / "models" / folder / (name or source.name)
+    dest = Path(base_dir) / "models" / folder / source.name
     if not dest.exists():
         dest.symlink_to(source, target_is_directory=source.is_dir())
     return dest.name

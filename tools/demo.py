@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tools import comfy_host
+from tools import comfy_host, tiny_sd35
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,19 +32,13 @@ def find_checkpoint() -> Path | None:
     return next((path for path in candidates if path.is_file()), None)
 
 
-def tiny_checkpoint(comfy_dir: Path) -> Path:
-    out = REPO / ".cache" / "fixtures"
-    subprocess.run([sys.executable, "-m", "tools.tiny_sd35", "--comfy", str(comfy_dir), "--out", str(out)],
-                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    return out / json.loads((out / "manifest.json").read_text())["files"]["large"]["all_in_one"]
-
-
 def main() -> int:
     comfy_dir = comfy_host.materialise(REPO / ".cache")
     ckpt = find_checkpoint()
     tiny = ckpt is None
     if tiny:
-        ckpt = tiny_checkpoint(comfy_dir)
+        fixtures = REPO / ".cache" / "fixtures"
+        ckpt = fixtures / tiny_sd35.build_in_subprocess(comfy_dir, fixtures)["files"]["large"]["all_in_one"]
     base = comfy_host.make_base_dir(REPO / "demo-output", REPO, "sd35_fp8")
     name = comfy_host.link_model(base, "checkpoints", ckpt)
     comfy_host.boot(comfy_dir, base)

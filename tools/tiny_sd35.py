@@ -26,11 +26,15 @@ import argparse
 import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+REPO = Path(__file__).resolve().parents[1]
 BUILDER_VERSION = "2"  # 2: pos_embed is the sin-cos table, as in the real checkpoints
 HEAD_DIM = 64  # ComfyUI derives depth (= heads) as hidden // 64
 
@@ -167,12 +171,12 @@ def draw_tensor(key: str, shape: tuple[int, ...], seed: int, gain: float = 1.0) 
     return values * (gain / max(math.prod(shape[1:]), 1) ** 0.5)  # scaled by the fan-in
 
 
-def draw_state_dict(shapes: dict[str, tuple[int, ...]], seed: int, prefix: str = "", gain: float = 1.0,
-                    dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+def draw_state_dict(shapes: dict[str, tuple[int, ...]], seed: int, prefix: str = "",
+                    gain: float = 1.0) -> dict[str, torch.Tensor]:
     out = {}
     for key, shape in shapes.items():
         t = draw_tensor(key, shape, seed, gain)
-        out[prefix + key] = t if key.endswith("position_ids") else t.to(dtype)
+        out[prefix + key] = t if key.endswith("position_ids") else t.half()
     return out
 
 
@@ -253,6 +257,14 @@ def build_all(out: Path, seed: int = 0) -> dict:
     manifest["files"]["medium"]["diffusers"] = diffusers_dir.name
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def build_in_subprocess(comfy_dir: str | Path, out: Path) -> dict:
+    """`build_all` (or reuse) in a child process, as booting ComfyUI fixes the booting process's settings, on the
+    plain host (no FP8-device mode: the fixtures are data, the same for every host). Returns the manifest."""
+    subprocess.run([sys.executable, "-m", "tools.tiny_sd35", "--comfy", str(comfy_dir), "--out", str(out)],
+                   cwd=REPO, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "COMFY_FP8_DEVICE": ""})
+    return json.loads((out / "manifest.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> int:

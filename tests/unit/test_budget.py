@@ -76,6 +76,13 @@ def test_budget_below_the_preset_puts_preset_layers_in_fp8_and_says_so():
         quantize(model, QuantConfig(memory_budget=all_fp8.bytes_after, protect_preset="none",
                                     protect_patterns="joint_blocks.0.*"))
 
+    # nor when it also matches a layer the preset keeps 16-bit: that layer is the user's, never demoted
+    patterns = "context_embedder"
+    _, minimum = quantize(model, QuantConfig(protect_preset="none", protect_patterns=patterns))
+    _, report = quantize(model, QuantConfig(memory_budget=minimum.bytes_after, protect_patterns=patterns))
+    assert report.budget["demoted"] and "context_embedder" not in report.budget["demoted"]
+    assert next(la for la in report.layers if la.name == "context_embedder").action == "protected"
+
 
 def test_greedy_is_within_a_few_percent_of_the_exact_optimum():
     """Brute force over every subset of 12 candidates with costs and sizes like a model's layer groups."""
