@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -37,7 +35,7 @@ from pathlib import Path
 
 import psutil
 
-from tools import comfy_host
+from tools import comfy_host, tiny_sd35
 
 from .common import CACHE, REPO, machine, now
 
@@ -124,8 +122,7 @@ def run(n_prompts: int = 50, warmup: int = 5, comfy_dir: str | Path | None = Non
     comfy_dir = Path(comfy_dir) if comfy_dir else comfy_host.materialise(CACHE)
     if checkpoint is None or transformer is None:  # the tiny SD3.5 Large fixtures, built if missing
         out = CACHE / "fixtures"
-        subprocess.run([sys.executable, "-m", "tools.tiny_sd35", "--comfy", str(comfy_dir), "--out", str(out)],
-                       check=True, stdout=subprocess.DEVNULL, cwd=REPO)
+        tiny_sd35.build_in_subprocess(comfy_dir, out)
         checkpoint, transformer = out / "tiny_sd35_large.safetensors", out / "tiny_sd35_large_transformer.safetensors"
     warmup = max(1, min(warmup, n_prompts - 1))
     with tempfile.TemporaryDirectory(prefix="sd35_fp8_soak_") as tmp:

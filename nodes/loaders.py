@@ -21,7 +21,7 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..quant.budget import parse_budget
-from ..quant.checkpoint import QUANT_METADATA_KEY, SAFETENSORS_DTYPES, refuse_pickle
+from ..quant.checkpoint import QUANT_METADATA_KEY, header_shapes_dtypes, refuse_pickle
 from ..quant.config import QuantConfig
 from ..quant.plan import CHECKPOINT_MODEL_PREFIX, LOADER_TEXT_ENCODER_CHOICES
 from ..quant.streaming import quantize_safetensors_stream, quantize_state_dict
@@ -88,8 +88,7 @@ def model_dtype(dtypes: Mapping[str, torch.dtype], shapes: Mapping[str, tuple[in
 
 def _quantize_file(path: str, header: dict, model_prefix: str, settings: dict, memory_budget: str, **stream):
     """Stream-quantize a checked file: (state dict, report, the model's 16-bit dtype for ComfyUI's build)."""
-    shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
-    dtypes = {k: SAFETENSORS_DTYPES.get(header[k]["dtype"], torch.uint8) for k in shapes}
+    shapes, dtypes = header_shapes_dtypes(header)
     dtype, config = _config(settings, memory_budget, dtypes, shapes, model_prefix)
     sd, _, report = quantize_safetensors_stream(path, config, header=header, model_prefix=model_prefix,
                                                 progress=_progress(), budget_itemsize=dtype.itemsize, **stream)

@@ -105,6 +105,13 @@ def check_safetensors(path: str | os.PathLike, input_name: str = "file") -> dict
     return header
 
 
+def header_shapes_dtypes(header: dict) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
+    """({key: shape}, {key: torch dtype}) of a checked header. Dtypes this pack does not read (packed sub-byte
+    formats) come out as uint8: a plan refuses them as packed data if they were to be quantized."""
+    shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    return shapes, {k: SAFETENSORS_DTYPES.get(header[k]["dtype"], torch.uint8) for k in shapes}
+
+
 def _entry_problem(entry: object, data_size: int) -> str | None:
     """Why one header entry cannot be read (None if it can): dtype, shape and byte range must agree."""
     if not isinstance(entry, dict):

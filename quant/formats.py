@@ -278,6 +278,7 @@ def quantize_unit_scale(tensor: torch.Tensor, fmt: str = "float8_e4m3fn",
     return fp8.reshape(tensor.shape), error, ""
 
 
+@torch.no_grad()
 def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """||approx - reference|| / ||reference|| in float64 (0.0 for an all-zero reference), chunk by chunk."""
     reference, approx = reference.reshape(-1), approx.expand_as(reference).reshape(-1)

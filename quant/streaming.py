@@ -17,8 +17,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from .budget import fit_budget
-from .checkpoint import QUANT_METADATA_KEY, SAFETENSORS_DTYPES, check_safetensors
+from .checkpoint import QUANT_METADATA_KEY, SAFETENSORS_DTYPES, check_safetensors, header_shapes_dtypes
 from .config import QuantConfig
 from .formats import FP8_DTYPES, format_name
 from .plan import (
@@ -28,6 +27,7 @@ from .plan import (
     LOADER_TEXT_ENCODER_CHOICES,
     QUANT_ENTRY_SUFFIX,
     UNIT_SCALE,
+    WEIGHT_SCALE_SUFFIXES,
     Decision,
     UnsupportedQuantFormat,
     apply,
@@ -86,7 +86,7 @@ def _quantize_all(keys: list[str], shapes: Mapping[str, tuple[int, ...]], dtypes
         scale_key = base + ".weight_scale"
         held_scale = None
         if decision.action == HELD:
-            held_scale = next((peek(base + s) for s in (".weight_scale", ".scale_weight") if base + s in shapes), None)
+            held_scale = next((peek(base + s) for s in WEIGHT_SCALE_SUFFIXES if base + s in shapes), None)
         tensor, scale = apply(decision, tensor, config, report, held_scale)
         out[key] = keep(tensor)
         if scale is not None:
@@ -103,10 +103,8 @@ def _quantize_all(keys: list[str], shapes: Mapping[str, tuple[int, ...]], dtypes
         store(key, plan[key], take(key))
         if progress is not None:
             progress(index + 1, len(keys))
-    if config.memory_budget is not None:
-        for key, decision in fit_budget(plan, report, config.memory_budget, peek, budget_itemsize).items():
-            store(key, decision, peek(key))
-    return out, layer_formats, plan.finish(report)
+    return out, layer_formats, plan.finish(report, lambda key, decision: store(key, decision, peek(key)), peek,
+                                           budget_itemsize)
 
 
 def quantize_safetensors_stream(path: str | os.PathLike, config: QuantConfig, *, header: dict | None = None,
@@ -118,11 +116,9 @@ def quantize_safetensors_stream(path: str | os.PathLike, config: QuantConfig, *,
     `budget_itemsize`: bytes per element of the 16-bit tensors as the host will hold them, for a memory budget."""
     header = check_safetensors(path) if header is None else header  # `header`: already checked by the caller
     metadata = header.get("__metadata__", {}) or {}
-    shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    shapes, dtypes = header_shapes_dtypes(header)
     hint = f"{hint} {os.path.basename(str(path))} {metadata.get('modelspec.title', '')} " \
            f"{metadata.get('modelspec.architecture', '')}"
-    # dtypes this pack does not read (packed sub-byte formats) plan as uint8: refused as packed data if quantized
-    dtypes = {k: SAFETENSORS_DTYPES.get(header[k]["dtype"], torch.uint8) for k in shapes}
     keys = sorted(shapes, key=lambda k: header[k]["data_offsets"][0])  # file order: sequential reads
     with open(path, "rb") as f:
         reader = _TensorReader(f, header, str(path))
@@ -197,7 +193,7 @@ def quantize_state_dict(sd: dict[str, torch.Tensor], config: QuantConfig, *, mod
     dtypes = {k: v.dtype for k, v in sd.items()}
     keep_all = config.memory_budget is not None  # the budget may redo any layer from its 16-bit source: keep them all
     scales = sd if keep_all else \
-        {k: v for k, v in sd.items() if k.endswith((".weight_scale", ".scale_weight", QUANT_ENTRY_SUFFIX))}
+        {k: v for k, v in sd.items() if k.endswith((*WEIGHT_SCALE_SUFFIXES, QUANT_ENTRY_SUFFIX))}
     result = _quantize_all(list(sd), shapes, dtypes, sd.__getitem__ if keep_all else sd.pop, scales.__getitem__,
                            config, model_prefix, text_encoders, progress, hint, budget_itemsize=budget_itemsize)
     if keep_all:
