@@ -170,7 +170,7 @@ def _plot(results: dict, path: Path) -> None:
 
 
 def run(quick: bool = False) -> dict:
-    depth, pixels, steps = (2, 256, 4) if quick else (3, 384, 7)
+    depth, pixels, steps = (1, 128, 4) if quick else (3, 384, 7)
     results = {}
     for variant in ("sd35_medium", "sd35_large"):
         with _each_tensor_quantized_once():

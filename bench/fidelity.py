@@ -79,10 +79,10 @@ def sampling(depth: int, pixels: int, methods: tuple[str, ...]) -> dict:
 
 
 def run(quick: bool) -> dict:
-    depth, pixels = (2, 256) if quick else (6, 512)
+    depth, pixels = (1, 128) if quick else (6, 512)
     errors = output_errors(depth, pixels)
     head = errors["student_t"]
-    sampling_result = sampling(2 if quick else 4, 256 if quick else 512,
+    sampling_result = sampling(1 if quick else 4, 128 if quick else 512,
                                ("ours",) if quick else ("ours", "comfy_cast", "quanto"))
     return {
         "variant": VARIANT, "depth": depth, "pixels": pixels, "headline_weights": "student_t",

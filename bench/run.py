@@ -26,7 +26,7 @@ WEIGHTS_NOTE = ("random weights (no real SD3.5 weights can be downloaded here), 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="reduced sizes, ~10 minutes on 2 CPU cores")
+    parser.add_argument("--quick", action="store_true", help="reduced sizes (a smoke test), ~5 minutes on 2 CPU cores")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json", help="results file")
     parser.add_argument("--update", action="store_true",

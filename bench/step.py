@@ -46,8 +46,9 @@ def run(quick: bool) -> dict:
     depth = 2 if quick else models.depth_of(VARIANT)
     while depth > 2 and not _fits(depth):
         depth //= 2
-    log(f"step: {VARIANT} depth {depth} at 512x512")
-    out = {"variant": VARIANT, "weights": "student_t", **measure(depth, 512, repeats=3 if quick else 5)}
+    pixels = 256 if quick else 512
+    log(f"step: {VARIANT} depth {depth} at {pixels}x{pixels}")
+    out = {"variant": VARIANT, "weights": "student_t", **measure(depth, pixels, repeats=3 if quick else 5)}
     if not quick:
         log(f"step: {VARIANT} depth 2 at 1024x1024 (token-count dependence)")
         out["at_1024px_depth2"] = measure(2, 1024, repeats=3)
