@@ -3,8 +3,8 @@
 A float16 transformer-only checkpoint (ComfyUI key layout, Gaussian weights) is written tensor by tensor to a
 temporary folder (full: depth 24, 4.9 GB; quick: depth 4, full width). Then each of bench.load_child's modes (our
 loader path, the stream quantize alone, ComfyUI's own FP16 load, a plain read of our saved FP8 file and of the FP16
-file) runs in a fresh process. The two model loads and the two plain reads alternate over several rounds; a time
-ratio is the median of the rounds' ratios, with their spread. Peak RSS is reported net of the process's RSS before
+file) runs in a fresh process. The measured loads alternate over several rounds; a time ratio is the median of the
+rounds' ratios, with their spread. Peak RSS is reported net of the process's RSS before
 the load (interpreter, torch, ComfyUI imports). Files are read warm from the page cache (read through once just
 before each measured load).
 """

@@ -144,6 +144,9 @@ def write_factors(results: Path = RESULTS / "latest.json") -> Path:
     """quant/sensitivity.json from the sensitivity section of `results` (what the memory budget's planner reads)."""
     data = json.loads(results.read_text())
     s = data["sensitivity"]
+    if missing := [v for v in VARIANTS if v not in s]:  # a quick run measures Medium only
+        raise SystemExit(f"{results}: section 6 has no {', '.join(missing)} ({data['mode']} run); the factors come "
+                         "from a full run: python -m bench.run --only sensitivity --update")
     when = data.get("updated", {}).get("sensitivity", f"{data['date']} on {data['machine']['cpu']}")
     table = {"source": f"python -m bench.run, section 6 (bench/sensitivity.py), {data['mode']} run of {when}: "
                        f"depth {s['depth']}, full width, {s['pixels']}px, student_t weights, e4m3 per-channel. "

@@ -52,8 +52,9 @@ def quantize(q: dict) -> list[str]:
     rows = [[label, _f(q[f"{k}_mparams_s"], ".0f"), _f(q[f"{k}_mparams_s"] / q["cast_mparams_s"], ".2f")]
             for k, label in names.items() if f"{k}_mparams_s" in q]
     spread = q.get("spread", {})
+    models = " and of ".join(v.removeprefix("sd35_").capitalize() for v in q.get("per_variant", {}))
     return _table(f"### 2. Quantize throughput ({q['params'] / 1e6:.0f}M params: the Linear layers of block 0 of "
-                  "Large and of Medium, float16 in)", ["method", "Mparams/s", "x cast"], rows) + [
+                  f"{models}, float16 in)", ["method", "Mparams/s", "x cast"], rows) + [
         "", f"Per round: ours / copy bound {_spread(spread.get('ours_over_copy_bound'))}; report overhead "
             f"(ours + error / ours - 1) {_spread(spread.get('report_overhead'))}."]
 
