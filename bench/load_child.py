@@ -59,10 +59,6 @@ class AnonPeak:
         self.peak = max(self.peak, _status_kib("RssAnon") * 1024)
 
 
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def _pack_nodes():
     """nodes.fp8_ops and nodes.fp8_tables imported as part of the pack (they use package-relative imports)."""
     from bench.common import REPO
@@ -84,6 +80,7 @@ def main(argv: list[str]) -> dict:
 
     from quant.checkpoint import save_quantized
     from quant.config import QuantConfig
+    from quant.report import nbytes
     from quant.streaming import quantize_safetensors_stream
 
     torch.set_num_threads(2)
@@ -103,22 +100,22 @@ def main(argv: list[str]) -> dict:
         if mode in ("ours_stream", "ours_model", "save_fp8"):
             sd, formats, _ = quantize_safetensors_stream(path, QuantConfig())
         if mode == "ours_stream":
-            result["bytes"] = _nbytes(sd.values())
+            result["bytes"] = nbytes(*sd.values())
         elif mode == "ours_model":
             with pack.fp8_tables.fp8_tables_in_place(sd, ""):  # as the loader node does: pos_embed stays FP8
                 model = comfy.sd.load_diffusion_model_state_dict(
                     sd, model_options={"custom_operations": ops, "dtype": torch.float16})
             del sd
-            result["bytes"] = _nbytes(model.model.diffusion_model.state_dict().values())
+            result["bytes"] = nbytes(*model.model.diffusion_model.state_dict().values())
         elif mode == "comfy_fp16":
             model = comfy.sd.load_diffusion_model(path, model_options={"dtype": torch.float16})
-            result["bytes"] = _nbytes(model.model.diffusion_model.state_dict().values())
+            result["bytes"] = nbytes(*model.model.diffusion_model.state_dict().values())
         elif mode == "save_fp8":
             save_quantized(argv[2], sd, formats, overwrite=True)
         elif mode == "read":
             sd = load_file(path)
             sd = {k: sd[k].clone() for k in list(sd)}
-            result["bytes"] = _nbytes(sd.values())
+            result["bytes"] = nbytes(*sd.values())
     return result | {"seconds": time.perf_counter() - start, "rss_before": rss_before, "anon_before": anon_before,
                      "peak_rss": _status_kib("VmHWM") * 1024, "peak_anon": anon.peak}
 

@@ -5,6 +5,10 @@ Input names are a public contract (shared workflows name them): see the README, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import comfy.model_management
+import comfy.utils
 from comfy_api.v0_0_2 import io
 
 from ..quant.config import COMPUTE_MODES, PRESETS
@@ -83,3 +87,15 @@ def quant_inputs(with_disabled: bool = False) -> list[io.Input]:
                                "else weight_only. weight_only: FP8 storage, 16/32-bit math (works everywhere). "
                                "fp8_matmul: require FP8 tensor cores; an error on GPUs without them."),
     ]
+
+
+def progress_callback() -> Callable[[int, int], None]:
+    """A (done, total) callback for a per-tensor loop: ComfyUI's progress bar, and its interrupt (Cancel) honoured
+    between tensors."""
+    bar = comfy.utils.ProgressBar(1)
+
+    def update(done: int, total: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, max(total, 1))
+
+    return update

@@ -26,7 +26,7 @@ from ..quant.config import QuantConfig
 from ..quant.plan import CHECKPOINT_MODEL_PREFIX, LOADER_TEXT_ENCODER_CHOICES
 from ..quant.streaming import quantize_safetensors_stream, quantize_state_dict
 from .budget import memory_budget_input, resolve_budget
-from .common import CATEGORY, PackNode, protect_patterns_input, quant_inputs, record_info
+from .common import CATEGORY, PackNode, progress_callback, protect_patterns_input, quant_inputs, record_info
 from .fp8_ops import FLOAT8_DTYPES, check_compute_supported, make_fp8_ops
 from .fp8_tables import fp8_tables_in_place
 
@@ -39,16 +39,6 @@ class MissingTextEncoders:
 
     def __getattr__(self, name):
         raise RuntimeError(self.MESSAGE)
-
-
-def _progress():
-    bar = comfy.utils.ProgressBar(1)
-
-    def update(done: int, total: int) -> None:
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        bar.update_absolute(done, max(total, 1))
-
-    return update
 
 
 def _metadata(header: dict) -> dict[str, str]:
@@ -91,7 +81,7 @@ def _quantize_file(path: str, header: dict, model_prefix: str, settings: dict, m
     shapes, dtypes = header_shapes_dtypes(header)
     dtype, config = _config(settings, memory_budget, dtypes, shapes, model_prefix)
     sd, _, report = quantize_safetensors_stream(path, config, header=header, model_prefix=model_prefix,
-                                                progress=_progress(), budget_itemsize=dtype.itemsize, **stream)
+                                                progress=progress_callback(), budget_itemsize=dtype.itemsize, **stream)
     return sd, report, dtype
 
 
@@ -246,7 +236,7 @@ class SD35FP8DiffusionModelLoader(PackNode):
             del raw
             dtype, config = _config(settings, memory_budget, {k: v.dtype for k, v in converted.items()},
                                     {k: tuple(v.shape) for k, v in converted.items()}, "")
-            sd, _, report = quantize_state_dict(converted, config, model_prefix="", progress=_progress(),
+            sd, _, report = quantize_state_dict(converted, config, model_prefix="", progress=progress_callback(),
                                                 budget_itemsize=dtype.itemsize)
             metadata = {}
         options = {"custom_operations": make_fp8_ops(compute), "dtype": dtype}

@@ -11,13 +11,13 @@ import functools
 import uuid
 from collections.abc import Mapping
 
-import comfy.model_management
 import comfy.utils
 import torch
 
 from ..quant.config import QuantConfig
 from ..quant.plan import FP8, HELD, PROTECTED, UNIT_SCALE, Decision, apply, make_plan
 from ..quant.report import Report
+from .common import progress_callback
 from .fp8_ops import make_fp8_ops, ops_linear_holding
 from .host_fp8 import fp8_weight, is_linear
 
@@ -77,9 +77,9 @@ def quantize_modules(patcher, root_attr: str, config: QuantConfig, *, text_encod
         elif redo and decision.action == PROTECTED:  # kept 16-bit by a memory budget after all: drop our patch
             clone.object_patches.pop(f"{prefix}{decision.layer}", None)
 
-    progress = comfy.utils.ProgressBar(max(len(tensors), 1))
+    progress = progress_callback()
     for index, key in enumerate(tensors):
-        comfy.model_management.throw_exception_if_processing_interrupted()
+        progress(index, len(tensors))
         store(key, plan[key])
-        progress.update_absolute(index + 1)
+    progress(len(tensors), len(tensors))
     return clone, plan.finish(report, functools.partial(store, redo=True), tensors.__getitem__)

@@ -18,6 +18,7 @@ from .budget import auto_budget, parse_budget
 from .checkpoint import LAYOUTS, STOCK_FORMAT, inspect_file, save_quantized, to_stock_layout
 from .config import BACKENDS, PRESETS, QuantConfig
 from .formats import FP8_DTYPES, SCALINGS
+from .hardware import host_memory
 from .plan import CHECKPOINT_MODEL_PREFIX, LOADER_TEXT_ENCODER_CHOICES
 from .streaming import quantize_safetensors_stream
 
@@ -61,8 +62,7 @@ def _budget(text: str | None) -> int | None:
         return value
     if torch.cuda.is_available():
         return auto_budget(torch.cuda.mem_get_info()[0], CLI_SAMPLING_BYTES, torch.cuda.get_device_name())
-    available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
-    return auto_budget(available, CLI_SAMPLING_BYTES, "this machine's RAM (no GPU)")
+    return auto_budget(host_memory("MemAvailable"), CLI_SAMPLING_BYTES, "this machine's RAM (no GPU)")
 
 
 def convert(args: argparse.Namespace) -> int:

@@ -79,11 +79,12 @@ def _has_scaled_mm() -> bool:
     return hasattr(torch, "_scaled_mm")
 
 
-def _host_memory_mb() -> int:
+def host_memory(field: str = "MemTotal") -> int:
+    """Bytes of this machine's RAM as /proc/meminfo's `field` (MemTotal, MemAvailable) says; 0 where it has none."""
     with contextlib.suppress(OSError), open("/proc/meminfo") as f:
         for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
     return 0
 
 
@@ -91,10 +92,10 @@ def probe_device(device: str | torch.device = "cpu") -> DeviceCapability:
     """Capabilities of `device` ("cpu", "mps", "cuda", "cuda:N")."""
     dev = torch.device(device)
     if dev.type == "cpu":
-        return DeviceCapability("cpu", "CPU", "cpu", None, True, False, _host_memory_mb(),
+        return DeviceCapability("cpu", "CPU", "cpu", None, True, False, host_memory() >> 20,
                                 "CPUs have no FP8 matmul; weights are dequantized per layer")
     if dev.type == "mps":
-        return DeviceCapability("mps", "Apple GPU", "mps", None, False, False, _host_memory_mb(),
+        return DeviceCapability("mps", "Apple GPU", "mps", None, False, False, host_memory() >> 20,
                                 "MPS has no float8 dtype; FP8 weights are dequantized to 16-bit before transfer")
     if dev.type != "cuda":
         raise ValueError(f"device: {str(device)!r} is not supported; use auto, cpu, mps or cuda:N")

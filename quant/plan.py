@@ -159,10 +159,6 @@ def make_plan(config: QuantConfig, shapes: Mapping[str, tuple[int, ...]], dtypes
     return Plan(config, policy, {key: decide(key) for key in shapes})
 
 
-def nbytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
 def apply(decision: Decision, tensor: torch.Tensor, config: QuantConfig, report: Report,
           scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Carry out one decision: (tensor to store, its float32 scale or None); the row (and any warning) goes into
@@ -192,7 +188,6 @@ def apply(decision: Decision, tensor: torch.Tensor, config: QuantConfig, report:
         stored = tensor.to(torch.float16)
     elif action == PROTECTED:
         row_action = "protected"
-    report.add(LayerReport(name, tuple(tensor.shape), str(tensor.dtype), str(stored.dtype),
-                           nbytes(tensor, stored_scale if action == HELD else None), nbytes(stored, stored_scale),
-                           error, row_action))
+    report.add(LayerReport.of(name, tensor, stored, stored_scale, error, row_action,
+                              scale_before=stored_scale if action == HELD else None))
     return stored, stored_scale

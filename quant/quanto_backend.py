@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .formats import relative_error
-from .plan import FP8, Plan, nbytes
+from .plan import FP8, Plan
 from .report import LayerReport, Report
 
 
@@ -60,7 +60,6 @@ def quantize_quanto(target: torch.nn.Module, plan: Plan, report: Report) -> set[
         stored = getattr(layer.weight, "_data", layer.weight)
         multiplied = layer.qweight if hasattr(layer, "qweight") else layer.weight  # what the QLinear multiplies with
         multiplied = multiplied.dequantize() if hasattr(multiplied, "dequantize") else multiplied
-        report.add(LayerReport(name, tuple(weight.shape), str(weight.dtype), str(stored.dtype),
-                               nbytes(weight), nbytes(stored, getattr(layer.weight, "_scale", None)),
-                               relative_error(weight, multiplied), FP8))
+        report.add(LayerReport.of(name, weight, stored, getattr(layer.weight, "_scale", None),
+                                  relative_error(weight, multiplied), FP8))
     return set(chosen.values())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from .budget import format_bytes
 
 ACTIONS = ("fp8", "protected", "kept")
@@ -27,6 +29,18 @@ class LayerReport:
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {self.action!r}")
+
+    @classmethod
+    def of(cls, name: str, before: torch.Tensor, stored: torch.Tensor, stored_scale: torch.Tensor | None,
+           error: float | None, action: str, scale_before: torch.Tensor | None = None) -> LayerReport:
+        """The row of a tensor as it came in (`before`, with its own scale `scale_before` if it arrived in FP8) and
+        as stored: the one place a report column is filled."""
+        return cls(name, tuple(before.shape), str(before.dtype), str(stored.dtype), nbytes(before, scale_before),
+                   nbytes(stored, stored_scale), error, action)
+
+
+def nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _already_fp8(layer: LayerReport) -> bool:
