@@ -29,16 +29,22 @@ from .common import REPO, RESULTS, log, rel_err
 GROUPS: dict[str, tuple[str, ...]] = {
     "embedders": ("t_embedder.*", "y_embedder.*", "context_embedder"),
     "final_layer": ("final_layer.*",),
-    "adaLN_modulation": ("joint_blocks.*.adaLN_modulation.1",),
-    "qkv": ("joint_blocks.*.attn.qkv", "joint_blocks.*.attn2.qkv"),
-    "proj": ("joint_blocks.*.attn.proj", "joint_blocks.*.attn2.proj"),
-    "mlp": ("joint_blocks.*.mlp.fc1", "joint_blocks.*.mlp.fc2"),
+    "x_adaLN": ("joint_blocks.*.x_block.adaLN_modulation.1",),
+    "context_adaLN": ("joint_blocks.*.context_block.adaLN_modulation.1",),
+    "x_qkv": ("joint_blocks.*.x_block.attn.qkv", "joint_blocks.*.x_block.attn2.qkv"),
+    "context_qkv": ("joint_blocks.*.context_block.attn.qkv",),
+    "x_proj": ("joint_blocks.*.x_block.attn.proj", "joint_blocks.*.x_block.attn2.proj"),
+    "context_proj": ("joint_blocks.*.context_block.attn.proj",),
+    "x_mlp": ("joint_blocks.*.x_block.mlp.fc1", "joint_blocks.*.x_block.mlp.fc2"),
+    "context_mlp": ("joint_blocks.*.context_block.mlp.fc1", "joint_blocks.*.context_block.mlp.fc2"),
     "first_block": ("joint_blocks.0.*",),
     "middle_block": ("joint_blocks.{mid}.*",),
     "last_block": ("joint_blocks.{last}.*",),
 }
 EMULATED = {"pos_embed": "pos_embed", "x_embedder": "x_embedder.proj.weight"}
-MARGINAL = ("adaLN_modulation", "qkv", "proj", "mlp")  # the groups the SD3.5 presets leave in FP8
+# the groups the SD3.5 presets leave in FP8, per stream: x_ the image tokens' (x_block), context_ the text
+# tokens' (context_block); the text side reaches the image only through attention and matters far less
+MARGINAL = ("x_adaLN", "context_adaLN", "x_qkv", "context_qkv", "x_proj", "context_proj", "x_mlp", "context_mlp")
 FACTOR_GROUPS = ("embedders", "final_layer", *MARGINAL, "pos_embed")  # the memory budget's groups
 VARIANTS = {"sd35_medium": ("student_t", "gaussian"), "sd35_large": ("student_t",)}  # weight kinds measured
 FACTORS_FILE = REPO / "quant" / "sensitivity.json"
@@ -118,15 +124,15 @@ def _one_kind(variant: str, kind: str, depth: int, pixels: int) -> dict:
 def factors(rows: dict) -> dict[str, float]:
     """The memory budget's factor per group: output error^2 per unit of summed layer error^2. For the groups the
     preset leaves in FP8, the error^2 the group removes when kept 16-bit on top of the preset (the regime the
-    planner decides in); for the others (embedders, final layer, pos_embed), the group's error^2 when only it is
-    FP8."""
+    planner decides in); for the others (embedders, final layer, pos_embed), and for a step group whose gain is not
+    positive (below what the measurement resolves), the group's error^2 when only it is FP8."""
     out = {}
     for group in FACTOR_GROUPS:
         step = rows.get(f"preset + {group} 16-bit")
-        if step is not None:
-            gain = step["preset_err"] ** 2 - step["rel_err"] ** 2
-            out[group] = max(gain, 0.0) / step["weight_err_sq_sum"]
-        else:
+        gain = step["preset_err"] ** 2 - step["rel_err"] ** 2 if step else 0.0
+        if gain > 0:
+            out[group] = gain / step["weight_err_sq_sum"]
+        else:  # not a step group, or its step is lost in the noise: the group alone in FP8
             out[group] = rows[group]["rel_err"] ** 2 / rows[group]["weight_err_sq_sum"]
     return out
 

@@ -133,8 +133,10 @@ def test_sensitivity_factors_are_per_variant_and_cautious_for_unknown_models():
     tables = SENSITIVITY["factors"]
     assert set(tables) == {"sd35_medium", "sd35_large"} and all(f > 0 for t in tables.values() for f in t.values())
     qkv = "joint_blocks.3.x_block.attn.qkv"
-    for variant in tables:
-        assert group_factor(qkv, variant) == ("qkv", tables[variant]["qkv"])
+    for variant in tables:  # the image and the text stream's layers are measured apart
+        assert group_factor(qkv, variant) == ("x_qkv", tables[variant]["x_qkv"])
+        assert group_factor(qkv.replace("x_block", "context_block"), variant) == \
+            ("context_qkv", tables[variant]["context_qkv"])
     assert group_factor(qkv, "sd35_large_turbo") == group_factor(qkv, "sd35_large")  # the same shapes
-    assert group_factor(qkv, None)[1] == max(t["qkv"] for t in tables.values())
+    assert group_factor(qkv, None)[1] == max(t["x_qkv"] for t in tables.values())
     assert group_factor("some.other.layer", "sd35_medium") == ("unmeasured", max(tables["sd35_medium"].values()))
