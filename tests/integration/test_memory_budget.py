@@ -3,6 +3,8 @@ the model samples, auto follows ComfyUI's free memory and its own sampling estim
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from helpers import _unload_all, fp8_layers
@@ -104,3 +106,20 @@ def test_bad_budgets_are_named_with_the_fix(runner, fixture_files, budget, messa
     # the same file loads with the budget off
     runner.run({"ld": dm_loader(name, memory_budget="off"), "out": show(["ld", 1])})
     assert _report(runner.node_outputs("ld")[0])["budget"] is None
+
+
+@pytest.mark.parametrize("variant", ["sd35_medium", "sd35_large"])
+def test_every_linear_of_the_full_size_architecture_has_a_measured_factor(pack, variant):
+    """A layer in no group of quant/sensitivity.json would get the cautious largest factor: none of SD3.5's may.
+    Both streams' blocks have their own adaLN/qkv/proj/MLP groups."""
+    from tools import tiny_sd35
+
+    group_factor = importlib.import_module(pack.__name__ + ".quant.budget").group_factor
+
+    model = tiny_sd35.build_mmdit(variant, device="meta")
+    groups = {n: group_factor(n, variant)[0] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert [n for n, g in groups.items() if g == "unmeasured"] == []
+    for part in ("adaLN", "qkv", "proj", "mlp"):
+        assert {f"x_{part}", f"context_{part}"} <= set(groups.values())
+    assert groups["joint_blocks.0.context_block.attn.qkv"] == "context_qkv"
+    assert groups["joint_blocks.0.x_block.adaLN_modulation.1"] == "x_adaLN"

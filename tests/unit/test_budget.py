@@ -140,3 +140,16 @@ def test_sensitivity_factors_are_per_variant_and_cautious_for_unknown_models():
     assert group_factor(qkv, "sd35_large_turbo") == group_factor(qkv, "sd35_large")  # the same shapes
     assert group_factor(qkv, None)[1] == max(t["x_qkv"] for t in tables.values())
     assert group_factor("some.other.layer", "sd35_medium") == ("unmeasured", max(tables["sd35_medium"].values()))
+
+
+def test_sensitivity_factors_use_the_step_from_the_preset_or_the_group_alone_when_it_is_unresolved():
+    from bench.sensitivity import FACTOR_GROUPS, factors
+
+    rows = {g: {"rel_err": 0.01, "weight_err_sq_sum": 0.001} for g in FACTOR_GROUPS}
+    rows |= {f"preset + {g} 16-bit": {"preset_err": 0.05, "rel_err": 0.04, "weight_err_sq_sum": 0.002}
+             for g in FACTOR_GROUPS if g not in ("embedders", "final_layer", "pos_embed")}
+    rows["preset + context_mlp 16-bit"]["rel_err"] = 0.0501  # the step made it worse: lost in the noise
+    out = factors(rows)
+    assert math.isclose(out["x_adaLN"], (0.05**2 - 0.04**2) / 0.002)
+    assert math.isclose(out["context_mlp"], 0.01**2 / 0.001)  # the group alone in FP8
+    assert math.isclose(out["embedders"], 0.01**2 / 0.001)
