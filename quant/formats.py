@@ -224,15 +224,6 @@ def _widenable(qweight: torch.Tensor) -> tuple[torch.Tensor, float]:
     return qweight, 1.0
 
 
-def widen_fp8(qweight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """`qweight.to(dtype)`, exactly, through `fp8_as_half` on the CPU."""
-    if not dtype.is_floating_point:
-        return qweight.to(dtype)
-    narrow, factor = _widenable(qweight)
-    out = narrow.to(dtype)
-    return out if factor == 1.0 else out.mul_(factor)
-
-
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """fp8 weight * scale in `dtype` (the scale broadcasts: [out, 1] or []), scaled in place: one allocation."""
     narrow, factor = _widenable(qweight) if dtype.is_floating_point else (qweight, 1.0)

@@ -97,9 +97,6 @@ class FP8LinearMixin:
         """y = x @ (weight * scale).T + bias, on the path `compute` resolves to on x's device."""
         return scaled_linear(x, weight, scale, bias, self.compute_for(x.device))
 
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_weight(self.weight, self.weight_scale, dtype)
-
     def extra_repr(self) -> str:
         out, in_ = self.weight.shape
         kind = f"{self.weight.dtype}, scale {tuple(self.weight_scale.shape)}" if self.weight_scale is not None \

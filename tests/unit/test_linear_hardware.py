@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from quant import hardware, linear
-from quant.formats import quantize_weight
+from quant.formats import dequantize_weight, quantize_weight
 from quant.hardware import FP8MatmulUnsupported, probe_device, resolve_compute
 from quant.linear import FP8Linear, scaled_linear
 
@@ -24,7 +24,7 @@ def test_weight_only_matches_float64_reference(fmt, scaling, bias):
     lin = _linear(bias=bias)
     layer = FP8Linear.from_linear(lin, fmt, scaling, compute="weight_only")
     x = torch.randn(3, 5, 64)
-    reference = x.double() @ layer.dequantized_weight(torch.float64).T
+    reference = x.double() @ dequantize_weight(layer.weight, layer.weight_scale, torch.float64).T
     if bias:
         reference += lin.bias.double()
     out = layer(x)
@@ -80,7 +80,8 @@ def test_fp8_matmul_matches_dequantize_then_matmul(scaled_mm_calls, device, scal
     layer = layer.to(device)
     x = torch.randn(3, 24, 128, device=device, dtype=dtype)
     out = scaled_linear(x, layer.weight, layer.weight_scale, layer.bias, "fp8_matmul")
-    reference = F.linear(x.double(), layer.dequantized_weight(torch.float64), lin.bias.detach().double())
+    weight = dequantize_weight(layer.weight, layer.weight_scale, torch.float64)
+    reference = F.linear(x.double(), weight, lin.bias.detach().double())
     assert len(scaled_mm_calls) == 1, "the FP8 matmul did not run"
     call = scaled_mm_calls[0]
     assert call["scale_a"].shape == (72, 1) and call["scale_b"].shape == (1, 256)  # per token, per channel
@@ -96,7 +97,8 @@ def test_fp8_matmul_scales_each_token_on_its_own(scaled_mm_calls):
     x = torch.randn(32, 128, dtype=torch.bfloat16)
     x[0] *= 1000
     out = scaled_linear(x, layer.weight, layer.weight_scale, layer.bias, "fp8_matmul")
-    reference = F.linear(x.double(), layer.dequantized_weight(torch.float64), layer.bias.double())
+    weight = dequantize_weight(layer.weight, layer.weight_scale, torch.float64)
+    reference = F.linear(x.double(), weight, layer.bias.double())
     rest = float((out[1:].double() - reference[1:]).norm() / reference[1:].norm())
     assert len(scaled_mm_calls) == 1 and rest < 0.03, rest
 
