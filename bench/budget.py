@@ -4,7 +4,8 @@ exact optimum.
 For Large and Medium (full width, reduced depth; Student-t weights, a batch at timesteps 900..100): budgets from
 all-FP8 to all-16-bit in steps, each with its bytes (16-bit tensors counted at 2 bytes, as a GPU holds them), the
 planner's predicted error and the measured relative output error vs fp32. Fixed presets (the SD3.5 preset, none,
-and the preset plus a whole group kept 16-bit) are measured the same way, and the planner again at each preset's
+the preset plus a whole group kept 16-bit, and plus the image stream's adaLN or attention, the mixes section 6's
+per-stream table suggests) are measured the same way, and the planner again at each preset's
 bytes; the goal compares each preset with the planner's worst error at its bytes or more (more memory must never
 cost accuracy). Greedy vs exact: on the full-size layer lists (each layer's error its group's mean measured here),
 the greedy choice's predicted error over the optimum of the same 0/1 knapsack (64 KiB units).
@@ -35,6 +36,9 @@ PRESETS = {
     "preset + adaLN 16-bit": dict(protect_patterns="joint_blocks.*.adaLN_modulation.1"),
     "preset + attention 16-bit": dict(protect_patterns="joint_blocks.*.attn*.qkv\njoint_blocks.*.attn*.proj"),
     "preset + MLP 16-bit": dict(protect_patterns="joint_blocks.*.mlp.*"),
+    "preset + image-stream adaLN 16-bit": dict(protect_patterns="joint_blocks.*.x_block.adaLN_modulation.1"),
+    "preset + image-stream attention 16-bit": dict(
+        protect_patterns="joint_blocks.*.x_block.attn*.qkv\njoint_blocks.*.x_block.attn*.proj"),
     "preset + first/last block 16-bit": dict(protect_patterns="joint_blocks.0.*\njoint_blocks.{last}.*"),
 }
 UNIT = 64 << 10
