@@ -62,7 +62,10 @@ def _budget(text: str | None) -> int | None:
         return value
     if torch.cuda.is_available():
         return auto_budget(torch.cuda.mem_get_info()[0], CLI_SAMPLING_BYTES, torch.cuda.get_device_name())
-    return auto_budget(host_memory("MemAvailable"), CLI_SAMPLING_BYTES, "this machine's RAM (no GPU)")
+    if not (available := host_memory("MemAvailable")):
+        raise ValueError("--budget auto: no GPU and no /proc/meminfo to read this machine's free memory from; give "
+                         "the budget in GiB, e.g. --budget 10.5")
+    return auto_budget(available, CLI_SAMPLING_BYTES, "this machine's RAM (no GPU)")
 
 
 def convert(args: argparse.Namespace) -> int:

@@ -112,3 +112,14 @@ def test_budget_fits_the_written_diffusion_model_and_bad_budgets_are_named(fixtu
         done = run("convert", str(source), str(tmp_path / "x.safetensors"), "--budget", bad)
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_budget_auto_without_a_gpu_is_free_ram_less_sampling_or_an_error_saying_why(monkeypatch):
+    from quant import cli
+    from quant.hardware import host_memory
+
+    free = host_memory("MemAvailable")
+    assert 0 < cli._budget("auto") < free - cli.CLI_SAMPLING_BYTES  # this machine has no GPU; a margin comes off
+    monkeypatch.setattr(cli, "host_memory", lambda field="MemTotal": 0)  # a machine without /proc/meminfo
+    with pytest.raises(ValueError, match="--budget auto: no GPU and no /proc/meminfo.*--budget 10.5"):
+        cli._budget("auto")
