@@ -37,6 +37,7 @@ import torch
 from quant.config import QuantConfig
 from quant.hardware import DeviceCapability, probe_device
 from quant.quantize import quantize
+from quant.report import nbytes
 
 from . import models
 from .common import RESULTS, boot_host, log, machine, now, rel_err, setup_torch
@@ -94,7 +95,7 @@ def measure(name: str, variant: str, depth: int | None, inp: dict[str, torch.Ten
         times.append(time.perf_counter() - start)
     row = {"ms_per_step": 1000 * statistics.median(times),
            "peak_vram_mib": torch.cuda.max_memory_allocated(device) / MIB if cuda else None,
-           "weight_bytes": sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())),
+           "weight_bytes": nbytes(*model.parameters(), *model.buffers()),
            "finite": bool(torch.isfinite(out).all())}
     return row, out.float().cpu()
 

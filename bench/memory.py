@@ -15,6 +15,7 @@ import torch
 from quant.config import QuantConfig
 from quant.formats import dequantize_weight, quantize_weight
 from quant.policy import resolve_policy
+from quant.report import nbytes
 
 from . import models
 from .common import log, rel_err
@@ -50,7 +51,7 @@ def _state_bytes(module: torch.nn.Module) -> int:
     """Bytes of the state dict; a quanto QTensor counts its inner tensors, what it stores."""
     tensors = [p for t in module.state_dict().values()
                for p in ((t._data, t._scale) if getattr(t, "_data", None) is not None else (t,))]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return nbytes(*tensors)
 
 
 def verify_real(variant: str, depth: int = 2) -> dict:
