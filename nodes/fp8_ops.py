@@ -34,102 +34,112 @@ from ..quant.linear import FP8LinearMixin
 FLOAT8_DTYPES = frozenset(FP8_DTYPES.values())
 
 
+class FP8OpsLinear(FP8LinearMixin, comfy.ops.manual_cast.Linear):
+    """ComfyUI's Linear holding an FP8 weight + float32 weight_scale (or a 16-bit weight, kept 16-bit)."""
+
+    compute: str = "auto"  # set per load by make_fp8_ops
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        torch.nn.Module.__init__(self)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.target_device = device
+        self.target_dtype = dtype
+        # uninitialised like ComfyUI's own ops: untouched pages cost no memory, and the state dict
+        # replaces them (with an FP8 tensor where the file has one). Not meta: ComfyUI may move a
+        # module (CLIP does) before its weights are loaded.
+        empty = {"device": device, "dtype": dtype or torch.float32}
+        self.weight = torch.nn.Parameter(torch.empty((out_features, in_features), **empty), requires_grad=False)
+        if bias:
+            self.bias = torch.nn.Parameter(torch.empty(out_features, **empty), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.register_parameter("weight_scale", None)
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.weight_scale is not None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        weight = state_dict.pop(prefix + "weight", None)
+        scale = state_dict.pop(prefix + "weight_scale", None)
+        bias = state_dict.pop(prefix + "bias", None)
+        state_dict.pop(prefix + "input_scale", None)  # we scale activations dynamically
+        if weight is None:
+            missing_keys.append(prefix + "weight")
+            return
+        device = self.target_device if self.target_device is not None else weight.device
+        if is_fp8(weight):
+            if scale is None:
+                raise ValueError(f"{prefix}weight is {weight.dtype} but the file has no {prefix}weight_scale: "
+                                 "it is not a scaled FP8 checkpoint this pack can read")
+            self.weight = torch.nn.Parameter(weight.to(device), requires_grad=False)
+            self.weight_scale = torch.nn.Parameter(scale.to(device, torch.float32), requires_grad=False)
+        else:
+            self.weight = torch.nn.Parameter(weight.to(device, self._wide_dtype(weight)), requires_grad=False)
+        if self.bias is not None:
+            if bias is None:
+                missing_keys.append(prefix + "bias")
+            else:
+                self.bias = torch.nn.Parameter(bias.to(device, self._wide_dtype(bias)), requires_grad=False)
+
+    def _wide_dtype(self, tensor: torch.Tensor) -> torch.dtype:
+        """The model's dtype, unless it is a float8 (never a plain cast): then the tensor's own."""
+        dtype = self.target_dtype or tensor.dtype
+        return tensor.dtype if dtype in FLOAT8_DTYPES else dtype
+
+    def forward(self, x, *args, **kwargs):
+        if not self.is_fp8:
+            return super().forward(x, *args, **kwargs)
+        comfy.ops.run_every_op()
+        weight = self.weight.to(x.device, non_blocking=True)
+        scale = self.weight_scale.to(x.device, non_blocking=True)
+        bias = None
+        if self.bias is not None:
+            bias = self.bias.to(x.device, x.dtype, non_blocking=True)
+            for patch in self.bias_function:
+                bias = patch(bias)
+        if self.weight_function:  # LoRA on a low-VRAM offloaded layer: patch the real weight, then use it
+            real = dequantize_weight(weight, scale, torch.float32)
+            for patch in self.weight_function:
+                real = _apply_weight_patch(patch, real)
+            return torch.nn.functional.linear(x, real.to(x.dtype), bias)
+        return self.fp8_forward(x, weight, scale, bias)
+
+    def convert_weight(self, weight, inplace=False, **kwargs):
+        if not self.is_fp8:
+            return weight
+        scale = self.weight_scale.to(weight.device)
+        if inplace and weight.dtype == torch.float32:
+            return weight.mul_(scale)  # float32: a small scale would underflow in float16
+        return dequantize_weight(weight, scale, torch.float32)
+
+    def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+        if self.is_fp8:
+            fmt = format_name(self.weight.dtype)
+            new = quantize_with_scale(weight, self.weight_scale.to(weight.device), fmt)
+        else:
+            new = weight.to(self.weight.dtype)
+        if return_weight:
+            return new
+        if inplace_update:  # ModelPatcher's set_weight contract: copy in, or replace the parameter
+            self.weight.data.copy_(new)
+        else:
+            self.weight = torch.nn.Parameter(new, requires_grad=False)
+
+
+class FP8Ops(comfy.ops.manual_cast):
+    """The pack's ops class: ComfyUI's manual_cast ops with the FP8 Linear."""
+
+    Linear = FP8OpsLinear
+
+
 def make_fp8_ops(compute: str = "auto") -> type:
-    """An ops class for one model: its Linear becomes FP8 when its state dict carries FP8 weights."""
-
-    class FP8Ops(comfy.ops.manual_cast):
-        class Linear(FP8LinearMixin, comfy.ops.manual_cast.Linear):
-            def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
-                torch.nn.Module.__init__(self)
-                self.in_features = in_features
-                self.out_features = out_features
-                self.target_device = device
-                self.target_dtype = dtype
-                self.compute = compute
-                # uninitialised like ComfyUI's own ops: untouched pages cost no memory, and the state dict
-                # replaces them (with an FP8 tensor where the file has one). Not meta: ComfyUI may move a
-                # module (CLIP does) before its weights are loaded.
-                empty = {"device": device, "dtype": dtype or torch.float32}
-                self.weight = torch.nn.Parameter(torch.empty((out_features, in_features), **empty), requires_grad=False)
-                if bias:
-                    self.bias = torch.nn.Parameter(torch.empty(out_features, **empty), requires_grad=False)
-                else:
-                    self.register_parameter("bias", None)
-                self.register_parameter("weight_scale", None)
-
-            @property
-            def is_fp8(self) -> bool:
-                return self.weight_scale is not None
-
-            def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs):
-                weight = state_dict.pop(prefix + "weight", None)
-                scale = state_dict.pop(prefix + "weight_scale", None)
-                bias = state_dict.pop(prefix + "bias", None)
-                state_dict.pop(prefix + "input_scale", None)  # we scale activations dynamically
-                if weight is None:
-                    missing_keys.append(prefix + "weight")
-                    return
-                device = self.target_device if self.target_device is not None else weight.device
-                if is_fp8(weight):
-                    if scale is None:
-                        raise ValueError(f"{prefix}weight is {weight.dtype} but the file has no {prefix}weight_scale: "
-                                         "it is not a scaled FP8 checkpoint this pack can read")
-                    self.weight = torch.nn.Parameter(weight.to(device), requires_grad=False)
-                    self.weight_scale = torch.nn.Parameter(scale.to(device, torch.float32), requires_grad=False)
-                else:
-                    self.weight = torch.nn.Parameter(weight.to(device, self._wide_dtype(weight)), requires_grad=False)
-                if self.bias is not None:
-                    if bias is None:
-                        missing_keys.append(prefix + "bias")
-                    else:
-                        self.bias = torch.nn.Parameter(bias.to(device, self._wide_dtype(bias)), requires_grad=False)
-
-            def _wide_dtype(self, tensor: torch.Tensor) -> torch.dtype:
-                """The model's dtype, unless it is a float8 (never a plain cast): then the tensor's own."""
-                dtype = self.target_dtype or tensor.dtype
-                return tensor.dtype if dtype in FLOAT8_DTYPES else dtype
-
-            def forward(self, x, *args, **kwargs):
-                if not self.is_fp8:
-                    return super().forward(x, *args, **kwargs)
-                comfy.ops.run_every_op()
-                weight = self.weight.to(x.device, non_blocking=True)
-                scale = self.weight_scale.to(x.device, non_blocking=True)
-                bias = None
-                if self.bias is not None:
-                    bias = self.bias.to(x.device, x.dtype, non_blocking=True)
-                    for patch in self.bias_function:
-                        bias = patch(bias)
-                if self.weight_function:  # LoRA on a low-VRAM offloaded layer: patch the real weight, then use it
-                    real = dequantize_weight(weight, scale, torch.float32)
-                    for patch in self.weight_function:
-                        real = _apply_weight_patch(patch, real)
-                    return torch.nn.functional.linear(x, real.to(x.dtype), bias)
-                return self.fp8_forward(x, weight, scale, bias)
-
-            def convert_weight(self, weight, inplace=False, **kwargs):
-                if not self.is_fp8:
-                    return weight
-                scale = self.weight_scale.to(weight.device)
-                if inplace and weight.dtype == torch.float32:
-                    return weight.mul_(scale)  # float32: a small scale would underflow in float16
-                return dequantize_weight(weight, scale, torch.float32)
-
-            def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
-                if self.is_fp8:
-                    fmt = format_name(self.weight.dtype)
-                    new = quantize_with_scale(weight, self.weight_scale.to(weight.device), fmt)
-                else:
-                    new = weight.to(self.weight.dtype)
-                if return_weight:
-                    return new
-                if inplace_update:  # ModelPatcher's set_weight contract: copy in, or replace the parameter
-                    self.weight.data.copy_(new)
-                else:
-                    self.weight = torch.nn.Parameter(new, requires_grad=False)
-
-    return FP8Ops
+    """An ops class for one model: its Linear becomes FP8 when its state dict carries FP8 weights. A fresh
+    subclass per load carries that load's settings, so they never leak into another model's layers."""
+    linear = type("FP8OpsLinear", (FP8OpsLinear,), {"compute": compute})
+    return type("FP8Ops", (FP8Ops,), {"Linear": linear})
 
 
 def _apply_weight_patch(patch, weight: torch.Tensor) -> torch.Tensor:
