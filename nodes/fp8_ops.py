@@ -6,10 +6,16 @@ ModelPatcher (the quantize node). Math lives in quant/; this file only adapts it
 ComfyUI's conventions:
 - weights are created uninitialised (no pages touched) and replaced from the state dict,
   so loading never fills a 16-bit copy of a layer that arrives in FP8;
-- `convert_weight` / `set_weight` are the hooks ModelPatcher uses for LoRA on scaled
-  weights (see comfy/ops.py scaled_fp8_ops): patches are applied to the dequantized
-  weight and re-quantized with the layer's existing scale, which ModelPatcher's backup
-  never restores, so the scale must never change;
+- `convert_weight` / `set_weight` are the hooks ModelPatcher uses for LoRA on scaled weights:
+  patches are applied to the dequantized weight, which is re-quantized with a fresh absmax scale
+  (`quant.requantize`; the old scale would clip what the LoRA adds, as stock 0.8.0's mixed-precision
+  ops avoid too). The new scale travels with the weight: it is an attribute of the new Parameter
+  (`host_fp8.OWN_SCALE`), and `weight_scale` always belongs to the unpatched weight. ModelPatcher backs
+  up and restores the weight alone (the original Parameter, or a new one around its copy), and a
+  restored weight carries no scale of its own, so unpatching brings back the exact layer, scale
+  included. In-place updates (ComfyUI's hook patches, restored by copying the bits back into the same
+  Parameter) keep the scale the weight has. Moves keep the travelling scale with the weight (`_apply`),
+  and the state dict writes the scale of the weight beside it;
 - a layer offloaded in low-VRAM mode gets its LoRA as `weight_function` patches at run time:
   they are applied to the dequantized weight, which is then used as it is (ComfyUI 0.8.0's
   LowVramPatch expects a real weight; 0.3.75's would re-quantize it on the way);
@@ -30,6 +36,8 @@ import torch
 from ..quant.formats import FP8_DTYPES, dequantize_weight, format_name, is_fp8, quantize_with_scale
 from ..quant.hardware import resolve_compute
 from ..quant.linear import FP8LinearMixin
+from ..quant.requantize import requantize
+from .host_fp8 import OWN_SCALE, scale_of
 
 FLOAT8_DTYPES = frozenset(FP8_DTYPES.values())
 
@@ -89,12 +97,16 @@ class FP8OpsLinear(FP8LinearMixin, comfy.ops.manual_cast.Linear):
         dtype = self.target_dtype or tensor.dtype
         return tensor.dtype if dtype in FLOAT8_DTYPES else dtype
 
+    def current_scale(self) -> torch.Tensor:
+        """The scale of the weight the layer holds now (see the module docstring)."""
+        return scale_of(self.weight, self.weight_scale)
+
     def forward(self, x, *args, **kwargs):
         if not self.is_fp8:
             return super().forward(x, *args, **kwargs)
         comfy.ops.run_every_op()
         weight = self.weight.to(x.device, non_blocking=True)
-        scale = self.weight_scale.to(x.device, non_blocking=True)
+        scale = self.current_scale().to(x.device, non_blocking=True)
         bias = None
         if self.bias is not None:
             bias = self.bias.to(x.device, x.dtype, non_blocking=True)
@@ -110,23 +122,38 @@ class FP8OpsLinear(FP8LinearMixin, comfy.ops.manual_cast.Linear):
     def convert_weight(self, weight, inplace=False, **kwargs):
         if not self.is_fp8:
             return weight
-        scale = self.weight_scale.to(weight.device)
+        scale = self.current_scale().to(weight.device)
         if inplace and weight.dtype == torch.float32:
             return weight.mul_(scale)  # float32: a small scale would underflow in float16
         return dequantize_weight(weight, scale, torch.float32)
 
     def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
-        if self.is_fp8:
-            fmt = format_name(self.weight.dtype)
-            new = quantize_with_scale(weight, self.weight_scale.to(weight.device), fmt)
-        else:
+        if not self.is_fp8:
             new = weight.to(self.weight.dtype)
+        elif inplace_update:  # the copy-in restore brings back bits only: keep the scale those bits have
+            new = quantize_with_scale(weight, self.current_scale().to(weight.device), format_name(self.weight.dtype))
+        else:
+            new = requantized_weight(weight, self.current_scale().to(weight.device), self.weight.dtype)
         if return_weight:
             return new
         if inplace_update:  # ModelPatcher's set_weight contract: copy in, or replace the parameter
             self.weight.data.copy_(new)
         else:
-            self.weight = torch.nn.Parameter(new, requires_grad=False)
+            self.weight = new if isinstance(new, torch.nn.Parameter) else torch.nn.Parameter(new, requires_grad=False)
+
+    def _apply(self, fn, recurse=True):
+        """Moves and casts take a re-quantized weight's own scale along (torch may also replace the Parameter)."""
+        own = getattr(self.weight, OWN_SCALE, None)
+        out = super()._apply(fn, recurse)
+        if own is not None:
+            setattr(self.weight, OWN_SCALE, fn(own))
+        return out
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.is_fp8:  # the scale of the weight written beside it (a merged LoRA's, while one is applied)
+            scale = self.current_scale()
+            destination[prefix + "weight_scale"] = scale if keep_vars else scale.detach()
 
 
 class FP8Ops(comfy.ops.manual_cast):
@@ -140,6 +167,14 @@ def make_fp8_ops(compute: str = "auto") -> type:
     subclass per load carries that load's settings, so they never leak into another model's layers."""
     linear = type("FP8OpsLinear", (FP8OpsLinear,), {"compute": compute})
     return type("FP8Ops", (FP8Ops,), {"Linear": linear})
+
+
+def requantized_weight(weight: torch.Tensor, old_scale: torch.Tensor, dtype: torch.dtype) -> torch.nn.Parameter:
+    """A patched (real-valued) weight in FP8 with a fresh scale, as the Parameter that carries that scale."""
+    qweight, scale = requantize(weight, old_scale, format_name(dtype))
+    new = torch.nn.Parameter(qweight, requires_grad=False)
+    setattr(new, OWN_SCALE, scale)
+    return new
 
 
 def _apply_weight_patch(patch, weight: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """FP8 weights as the host holds them: in our layers, and in ComfyUI's own (stock loaders on FP8 files).
 
 Quantize Model, Save FP8 Model and their reports must see every FP8 layer of a model, whoever made it:
-- ours (`FP8Ops.Linear`): a float8 `weight` and a float32 `weight_scale`;
+- ours (`FP8Ops.Linear`): a float8 `weight` and a float32 `weight_scale`, or the scale a LoRA-patched weight
+  carries (`OWN_SCALE`);
 - ComfyUI 0.8.0 mixed-precision layers (native files, and legacy scaled_fp8 files, which it converts): the
   `weight` is a comfy-kitchen `QuantizedTensor`; its FP8 layouts keep the float8 data in `_qdata` and the
   scale in `_params.scale`. Its other layouts (nvfp4, mxfp8, int8, ...) pack bytes this pack cannot read:
@@ -16,6 +17,10 @@ from __future__ import annotations
 import torch
 
 from ..quant.formats import is_fp8
+
+# A weight re-quantized under a patch (LoRA) carries its own scale as this attribute of its Parameter
+# (nodes/fp8_ops.py): the layer's `weight_scale` belongs to the unpatched weight.
+OWN_SCALE = "fp8_scale"
 
 # comfy-kitchen / ComfyUI layout names whose data is float8 with one scale per tensor (or per channel)
 FP8_LAYOUTS = ("TensorCoreFP8Layout", "TensorCoreFP8E4M3Layout", "TensorCoreFP8E5M2Layout")
@@ -39,6 +44,7 @@ def fp8_weight(module: torch.nn.Module, name: str = "", weight: torch.Tensor | N
     """(float8 data, float32 scale) of `module`'s weight (or of `weight`, read for that module) when it is FP8
     in any of the forms above; None when it is a plain 16/32-bit weight."""
     weight = module.weight if weight is None else weight
+    own = getattr(weight, OWN_SCALE, None)
     if isinstance(weight, torch.nn.Parameter):
         weight = weight.data
     layout = _layout_name(weight)
@@ -53,12 +59,18 @@ def fp8_weight(module: torch.nn.Module, name: str = "", weight: torch.Tensor | N
         return weight._qdata, scale.detach().float()
     if not is_fp8(weight):
         return None
-    scale = getattr(module, "weight_scale", None)
+    scale = own if own is not None else getattr(module, "weight_scale", None)
     if scale is None:
         scale = getattr(module, "scale_weight", None)  # ComfyUI's legacy scaled_fp8 ops
     if scale is None:
         scale = torch.ones((), device=weight.device)
     return weight, scale.detach().float()
+
+
+def scale_of(weight: torch.Tensor, default: torch.Tensor) -> torch.Tensor:
+    """The scale `weight` carries (see OWN_SCALE), else `default`: the scale of the layer's unpatched weight."""
+    own = getattr(weight, OWN_SCALE, None)
+    return default if own is None else own
 
 
 def is_linear(module: torch.nn.Module) -> bool:

@@ -96,27 +96,41 @@ def pack(comfy_nodes):
     return sys.modules[next(name for name in sys.modules if name.endswith(f"/{PACK_NAME}"))]
 
 
+def _write_lora(comfy_base: Path, fixture_files: dict, name: str, seed: int, layers: dict[str, str]) -> str:
+    """A rank-4 LoRA for the tiny Large fixture, {key: "attn" | "mlp"} (an attn key is hidden x hidden, an mlp key
+    4 hidden x hidden), saved under models/loras; returns its name."""
+    hidden = 64 * fixture_files["manifest"]["files"]["large"]["mmdit"]["depth"]
+    gen = torch.Generator().manual_seed(seed)
+    rank = 4
+    tensors = {}
+    for key, kind in layers.items():
+        out_f = 4 * hidden if kind == "mlp" else hidden
+        tensors[f"{key}.lora_down.weight"] = (torch.randn(rank, hidden, generator=gen) * 0.1).half()
+        tensors[f"{key}.lora_up.weight"] = (torch.randn(out_f, rank, generator=gen) * 0.1).half()
+        tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    path = comfy_base / "models" / "loras" / name
+    save_file(tensors, str(path))
+    return path.name
+
+
 @pytest.fixture(scope="session")
 def tiny_lora(comfy_base, fixture_files) -> str:
     """A LoRA for the tiny Large fixture: diffusers keys on the fused qkv (sliced patches) and a native key.
 
-    Its update is ~20% of the weights' size, like real LoRAs. (FP8 layers keep their scale under a LoRA,
-    as ComfyUI's own scaled-fp8 ops do, so an update many times larger than the weight would clip.)"""
-    hidden = 64 * fixture_files["manifest"]["files"]["large"]["mmdit"]["depth"]
-    gen = torch.Generator().manual_seed(123)
-    rank = 4
-    tensors = {}
-
-    def add(key: str, out_f: int, in_f: int) -> None:
-        tensors[f"{key}.lora_down.weight"] = (torch.randn(rank, in_f, generator=gen) * 0.1).half()
-        tensors[f"{key}.lora_up.weight"] = (torch.randn(out_f, rank, generator=gen) * 0.1).half()
-        tensors[f"{key}.alpha"] = torch.tensor(float(rank))
-
-    for proj in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
-        add(f"transformer.transformer_blocks.0.attn.{proj}", hidden, hidden)
+    Its update is ~20% of the weights' size, like real LoRAs; it widens many rows' range, so re-quantizing with
+    the old scale would clip it (FP8 layers take a fresh scale under a LoRA, nodes/fp8_ops.py)."""
+    layers = {f"transformer.transformer_blocks.0.attn.{proj}": "attn"
+              for proj in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
     for block in (0, 1):
-        add(f"diffusion_model.joint_blocks.{block}.x_block.mlp.fc1", 4 * hidden, hidden)
-        add(f"diffusion_model.joint_blocks.{block}.x_block.attn.proj", hidden, hidden)
-    path = comfy_base / "models" / "loras" / "tiny_sd35_large_lora.safetensors"
-    save_file(tensors, str(path))
-    return path.name
+        layers[f"diffusion_model.joint_blocks.{block}.x_block.mlp.fc1"] = "mlp"
+        layers[f"diffusion_model.joint_blocks.{block}.x_block.attn.proj"] = "attn"
+    return _write_lora(comfy_base, fixture_files, "tiny_sd35_large_lora.safetensors", 123, layers)
+
+
+@pytest.fixture(scope="session")
+def second_lora(comfy_base, fixture_files) -> str:
+    """Another LoRA, to stack on `tiny_lora`: it shares block 0's fc1 and attention output with it."""
+    layers = {f"diffusion_model.joint_blocks.{block}.x_block.attn.proj": "attn" for block in (0, 1)}
+    layers["diffusion_model.joint_blocks.0.context_block.attn.proj"] = "attn"
+    layers["diffusion_model.joint_blocks.0.x_block.mlp.fc1"] = "mlp"
+    return _write_lora(comfy_base, fixture_files, "tiny_sd35_large_lora_b.safetensors", 321, layers)

@@ -100,7 +100,7 @@ def test_lora_on_a_low_vram_offloaded_fp8_layer_is_applied(runner, fixture_files
     runtime, offloaded_low = run(patched, lowvram=True)
     without, _ = run(plain, lowvram=True)
     assert not offloaded_full and offloaded_low, "low-VRAM load did not leave the LoRA to run time"
-    # merged: the LoRA re-quantized into the layer with its own scale (ComfyUI's protocol); run time: exact
+    # merged: the LoRA re-quantized into the layer with a fresh scale; run time: on the dequantized weight
     to_merged, lora_effect = float((runtime - merged).norm()), float((without - merged).norm())
     print(f"run-time vs merged {to_merged / merged.norm():.4f}, LoRA effect {lora_effect / merged.norm():.4f}")
     assert to_merged < 0.25 * lora_effect, (to_merged, lora_effect)  # the same LoRA, not dropped
@@ -130,9 +130,10 @@ def test_lora_requantization_multiplies_small_scales_in_float32(pack):
         assert torch.equal(layer.set_weight(temp.float(), return_weight=True), qweight)  # exact round trip
 
 
-def test_lora_protocol_keeps_scale_and_round_trips(pack):
-    """ModelPatcher on an FP8 layer: temp = convert_weight(weight.float()); temp += delta; set_weight(temp); the
-    scale never changes (a patcher's backup restores the weight only), and unpatching restores the exact bits."""
+def test_lora_protocol_gives_the_patched_weight_its_own_scale_and_round_trips(pack):
+    """ModelPatcher on an FP8 layer: temp = convert_weight(weight.float()); temp += delta; set_weight(temp). The
+    patched weight is re-quantized with a fresh scale that travels with it (nothing clipped); `weight_scale`, the
+    unpatched weight's, never changes, so the patcher's restore of the weight alone brings the exact layer back."""
     import importlib
 
     fp8_ops = importlib.import_module(pack.__name__ + ".nodes.fp8_ops")
@@ -143,9 +144,21 @@ def test_lora_protocol_keeps_scale_and_round_trips(pack):
     original = layer.weight
     temp = layer.convert_weight(layer.weight.to(torch.float32), inplace=True)
     torch.testing.assert_close(temp, formats.dequantize_weight(qweight, scale))
-    delta = torch.randn_like(temp) * 0.01
+    delta = torch.zeros_like(temp)
+    delta[48:] = torch.randn(48, 64) * 0.01
+    delta[48:, 0] += 3 * temp.abs().amax()  # far past the rows' old range
     layer.set_weight(temp + delta)
+    own = layer.weight.fp8_scale
     assert torch.equal(layer.weight_scale, scale) and layer.weight is not original
-    patched = formats.dequantize_weight(layer.weight, layer.weight_scale)
-    assert float((patched - (temp + delta)).norm() / (temp + delta).norm()) < 0.04
-    assert torch.equal(layer.set_weight(temp, return_weight=True), original.data)  # re-quantizing is exact
+    assert torch.equal(own[:48], scale[:48]) and torch.equal(layer.weight[:48], original[:48])  # untouched rows
+    assert bool((own[48:] > 2 * scale[48:]).all())
+    patched = formats.dequantize_weight(layer.weight, layer.current_scale())
+    assert float((patched - (temp + delta)).norm() / (temp + delta).norm()) < 0.04  # not clipped
+    assert torch.equal(layer.state_dict()["weight_scale"], own)
+    restored = layer.weight = torch.nn.Parameter(original.data, requires_grad=False)  # the restore (set_attr_param)
+    assert torch.equal(layer.current_scale(), scale) and torch.equal(layer.state_dict()["weight_scale"], scale)
+    again = layer.set_weight(temp, return_weight=True)  # re-quantizing the unpatched weight is exact
+    assert torch.equal(again, original.data) and torch.equal(again.fp8_scale, scale)
+    # in place (ComfyUI's hook patches, restored by copying the bits back): the scale stays the weight's
+    layer.set_weight(temp + delta * 0.01, inplace_update=True)
+    assert layer.weight is restored and torch.equal(layer.current_scale(), scale)
