@@ -261,7 +261,8 @@ def quantize_unit_scale(tensor: torch.Tensor, fmt: str = "float8_e4m3fn",
     one = torch.ones((), device=tensor.device)
     fp8, _ = _quantize_chunks(rows, one, dtype, None, unit)  # x / 1.0 -> FP8: the bits of tensor.to(dtype)
     sample = rows[:: max(1, rows.shape[0] // _COMPARED_ROWS)]
-    _quantize_chunks(sample, _scale_from_absmax(torch.tensor(absmax), fp8_max(dtype)), dtype, None, scaled)
+    absmax_t = torch.tensor(absmax, device=tensor.device)
+    _quantize_chunks(sample, _scale_from_absmax(absmax_t, fp8_max(dtype)), dtype, None, scaled)
     error, scaled_error = unit.relative, scaled.relative
     if error > 1.1 * scaled_error:
         return None, error, (f"{name}: FP8 with scale 1.0 would err {error:.4f} ({scaled_error:.4f} with a scale, "
