@@ -91,7 +91,7 @@ def _ours(reference: torch.nn.Module, fp8_matmul: bool) -> torch.nn.Module:
         for module in model.modules():
             if isinstance(module, linear.FP8Linear):
                 resolved = module.__dict__.setdefault("_resolved_compute", {})
-                resolved.update({("cpu", dtype): "fp8_matmul" for dtype in (torch.float32, torch.float16, torch.bfloat16)})
+                resolved.update({("cpu", dt): "fp8_matmul" for dt in (torch.float32, torch.float16, torch.bfloat16)})
     return model
 
 
