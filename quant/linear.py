@@ -145,7 +145,11 @@ def auto_compute(device: torch.device | str, dtype: torch.dtype, out_features: i
         return "weight_only"
     key = (str(device), dtype, out_features, in_features)
     if key not in _auto_choice:
-        seconds = time_paths(device, dtype, out_features, in_features)
+        try:
+            seconds = time_paths(device, dtype, out_features, in_features)
+        except RuntimeError as err:  # a path this torch/device pair cannot run is never the default
+            logging.getLogger(__name__).warning("compute=auto: fp8_matmul failed on %s (%s); weight_only", device, err)
+            seconds = {"weight_only": 1.0, "fp8_matmul": float("inf")}
         fast = seconds["fp8_matmul"] <= AUTO_MARGIN * seconds["weight_only"]
         _auto_choice[key] = "fp8_matmul" if fast else "weight_only"
         logging.getLogger(__name__).info("compute=auto on %s (%s): %s for %dx%d (fp8_matmul %.3f ms, weight_only %.3f "

@@ -285,6 +285,14 @@ def test_auto_takes_fp8_matmul_only_where_timed_faster(timed, fp8_s, expected):
     assert _fp8(_linear(64, 128), compute="fp8_matmul").compute_for(torch.device("cuda:0")) == "fp8_matmul"
 
 
+def test_auto_keeps_weight_only_where_fp8_matmul_fails_to_run(timed, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("CUDA error: no kernel image is available")
+
+    monkeypatch.setattr(linear, "time_paths", broken)
+    assert _fp8(_linear(64, 128)).compute_for(torch.device("cuda:0"), torch.bfloat16) == "weight_only"
+
+
 def test_auto_on_ada_in_float16_keeps_weight_only_untimed(timed, monkeypatch):
     """sm_89 multiplies row-wise FP8 into bfloat16 only (CUTLASS): float16 models keep weight_only, untimed."""
     fake_cuda(monkeypatch, 8, 9)
