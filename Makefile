@@ -13,7 +13,7 @@ CACHE := .cache
 HOSTS ?= 0.3.75 0.8.0
 PYTEST := $(PY) -m pytest -q
 
-.PHONY: test lint venv host hosts fixtures browser demo serve bench bench-quick clean
+.PHONY: test lint venv host hosts fixtures browser demo serve bench bench-quick bench-gpu clean
 
 $(STAMP): requirements-test.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -75,6 +75,11 @@ bench-quick: host
 
 bench: host
 	$(PY) -m bench.run
+
+# On a CUDA machine: the pack vs stock ComfyUI 0.8.0, full-size Medium and Large (bench/README.md, "GPU run");
+# writes bench/results/gpu.json and the kernel tables next to it
+bench-gpu: hosts
+	COMFY_HOST=0.8.0 $(PY) -m bench.gpu --profile
 
 clean:
 	rm -rf $(CACHE) test-artifacts demo-output

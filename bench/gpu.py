@@ -1,175 +1,198 @@
-"""GPU step benchmark: ms per transformer step and peak VRAM of full-size SD3.5 Medium and Large, bf16 vs FP8.
+"""GPU benchmark: the pack against stock ComfyUI, side by side, each variant through the loader a user would use.
 
-For a CUDA machine (the rest of bench/ is the CPU benchmark). Per variant, one denoiser forward of ComfyUI's own
-MMDiT class (random weights, 154 context tokens, timestep 750) at --pixels x --pixels is timed for three models:
-- bf16: the reference, every tensor bfloat16 (on the CPU: fp32, float32; and fp8_matmul is skipped);
-- fp8_weight_only: quant.quantize with QuantConfig(compute="weight_only"): FP8 Linear weights, dequantized per layer;
-- fp8_matmul: QuantConfig(compute="fp8_matmul"): torch._scaled_mm on FP8 tensor cores; skipped, with
-  quant.hardware's reason recorded, on a device without them.
+Per architecture (SD3.5 Medium and Large at full size by default), one bfloat16 diffusion-model file of random
+seeded weights (Gaussian, 1/sqrt(fan_in); SD3's sin-cos pos_embed) is written, then each variant runs in a fresh
+process (bench/gpu_child.py): load (file to weights on the device), then `model.apply_model` at --pixels with
+batch 2 (cond + uncond, as CFG sampling runs), 3 warm-ups and --repeats timed steps (median, min, max). Variants:
+stock Load Diffusion Model with weight_dtype default / fp8_e4m3fn / fp8_e4m3fn_fast, the same stock loader on the
+pack's saved file (Save FP8 Model's stock-compatible layout), and the pack's loader with compute auto / weight_only
+/ fp8_matmul. Error: relative L2 of the output against stock default (FP16) in the same run.
 
-Memory plan: each model is built straight on the device and filled there by a seeded generator (`build`);
-bench.weights draws on the host, too slow for 8B values. The FP8 models are the same weights rebuilt and quantized
-in place, layer by layer, so a bf16 model and its FP8 copy never sit in VRAM together (Large: 16 GB of bf16 at
-most). The models are measured one at a time, memory freed between them; peak VRAM is max_memory_allocated from
-just after the build (the model's weights plus the step's activations). Timing: 2 warm-up forwards, then the median
-of --repeats forwards, each bracketed by torch.cuda.synchronize.
+Writes --out (bench/results/gpu.json) after each architecture: device, torch/CUDA/ComfyUI versions, date, every row,
+and `ratios` per architecture (the issue's goals, ours = compute auto). --profile also writes, next to --out, the
+kernel table of one step (time by kernel) for stock FP16 and ours (auto and fp8_matmul).
 
-ComfyUI 0.3.75 is booted by bench.common.boot_host(), without --cpu on a GPU, so its attention picks the
-GPU path a real ComfyUI run would.
-
-    python -m bench.gpu                                    # both variants, 1024x1024, 10 repeats, cuda
-    python -m bench.gpu --variants sd35_large --depth 8    # fewer joint blocks, full width
-    python -m bench.gpu --device cpu --depth 1 --pixels 256 --repeats 1 --out /tmp/gpu.json   # CPU smoke test
+    python -m bench.gpu --out /tmp/gpu.json --profile                 # on a CUDA machine: Medium and Large
+    python -m bench.gpu --device cpu --variants tiny_large --pixels 128 --repeats 2 --out /tmp/gpu.json  # smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import statistics
-import time
-from dataclasses import asdict
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from quant.config import QuantConfig
-from quant.hardware import DeviceCapability, probe_device
-from quant.quantize import quantize
-from quant.report import nbytes
+from quant.hardware import probe_device
+from tools.tiny_sd35 import sincos_pos_embed
 
 from . import models
-from .common import RESULTS, boot_host, log, machine, now, rel_err, setup_torch
+from .common import RESULTS, boot_host, log, machine, now, rel_err, run_child
 
-VARIANTS = ("sd35_medium", "sd35_large")
-FP8_COMPUTE = {"fp8_weight_only": "weight_only", "fp8_matmul": "fp8_matmul"}
-WARMUP = 2
-MIB = 1024**2
+ARCHS = {"sd35_medium": "sd35_medium", "sd35_large": "sd35_large", "tiny_large": "large", "tiny_medium": "medium"}
+STOCK_FP8 = ("stock_fp8_e4m3fn", "stock_fp8_e4m3fn_fast", "stock_on_ours")
+OURS = ("ours_auto", "ours_weight_only", "ours_fp8_matmul")
+MODES = ("stock_fp16", *STOCK_FP8, *OURS)
+PROFILED = ("stock_fp16", "ours_auto", "ours_fp8_matmul")
 
 
-def build(variant: str, depth: int | None, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """Full-width MMDiT made on `device` with no host copy; the same seed gives the same weights."""
-    model = models.meta_model(variant, depth, dtype).to_empty(device=device)
+@torch.no_grad()
+def write_model_file(arch: str, path: Path, device: torch.device, seed: int = 0) -> int:
+    """The architecture at full depth in bfloat16, drawn on `device` by a seeded generator, saved as a diffusion-model
+    file ComfyUI detects; returns its parameter count."""
+    model = models.meta_model(ARCHS[arch], None, torch.bfloat16).to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+    sd = {}
+    for name, tensor in model.state_dict().items():
         if name.endswith(".bias"):
-            tensor.data.zero_()
-        elif tensor.dim() == 1:
-            tensor.data.fill_(1.0)  # every 1-D weight of an MMDiT is a norm scale
+            tensor.zero_()
         elif name == "pos_embed":
-            tensor.data.normal_(0.0, 0.02, generator=gen)
+            tensor.copy_(sincos_pos_embed(tuple(tensor.shape)))
+        elif tensor.dim() == 1:
+            tensor.fill_(1.0)  # every 1-D weight of an MMDiT is a norm scale
         else:
-            tensor.data.normal_(0.0, tensor[0].numel() ** -0.5, generator=gen)
-    return model.eval()
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
+            tensor.normal_(0.0, tensor[0].numel() ** -0.5, generator=gen)
+        sd[name] = tensor.cpu().contiguous()
+    del model
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the children measure the device alone
+    save_file(sd, str(path))
+    return sum(t.numel() for t in sd.values())
 
 
-def measure(name: str, variant: str, depth: int | None, inp: dict[str, torch.Tensor], repeats: int,
-            device: torch.device, dtype: torch.dtype) -> tuple[dict, torch.Tensor]:
-    """One model alone on the device: its row of the table and its output (float32, on the host)."""
-    cuda = device.type == "cuda"
-    free_memory(device)
-    model = build(variant, depth, device, dtype)
-    if name in FP8_COMPUTE:
-        config = QuantConfig(protect_preset=variant, compute=FP8_COMPUTE[name])
-        model = quantize(model, config, inplace=True)[0]  # bf16 Linear weights freed layer by layer
-    free_memory(device)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(WARMUP):
-        out = models.forward(model, inp)
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        out = models.forward(model, inp)
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    row = {"ms_per_step": 1000 * statistics.median(times),
-           "peak_vram_mib": torch.cuda.max_memory_allocated(device) / MIB if cuda else None,
-           "weight_bytes": nbytes(*model.parameters(), *model.buffers()),
-           "finite": bool(torch.isfinite(out).all())}
-    return row, out.float().cpu()
-
-
-def bench_variant(variant: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
-                  cap: DeviceCapability) -> dict:
-    """Rows of one variant: the reference first, then the FP8 models with their error against it."""
-    reference = "bf16" if dtype == torch.bfloat16 else "fp32"
-    # As ComfyUI's model_base does: latents and conditioning in the compute dtype, the timestep in float32.
-    inp = {k: v.to(device, torch.float32 if k == "t" else dtype) for k, v in models.inputs(args.pixels).items()}
-    rows, ref_out = {}, None
-    for name in (reference, *FP8_COMPUTE):
-        if name == "fp8_matmul" and not cap.fp8_matmul:
-            rows[name] = {"skipped": cap.reason}
+def run_arch(arch: str, args: argparse.Namespace, work: Path) -> dict[str, dict]:
+    """Every mode of one architecture, each in its own process; rows with the error against stock FP16."""
+    source, ours_file = work / f"{arch}_bf16.safetensors", work / f"{arch}_ours_fp8.safetensors"
+    log(f"gpu: writing {source.name}")
+    params = write_model_file(arch, source, torch.device(args.device))
+    common = {"device": args.device, "pixels": args.pixels, "batch": args.batch, "repeats": args.repeats}
+    if "stock_on_ours" in args.modes:
+        log("gpu: saving the pack's FP8 file")
+        run_child("bench.gpu_child", json.dumps({**common, "mode": "save_ours", "file": str(source),
+                                                 "save_to": str(ours_file)}))
+    rows, outputs = {}, {}
+    cap = probe_device(args.device)
+    for mode in args.modes:
+        if mode == "ours_fp8_matmul" and not cap.fp8_matmul:
+            rows[mode] = {"mode": mode, "skipped": cap.reason}
             continue
-        log(f"gpu: {variant} {name}")
-        row, out = measure(name, variant, args.depth, inp, args.repeats, device, dtype)
-        ref_out = out if ref_out is None else ref_out
-        rows[name] = row | {"rel_err": None if name == reference else rel_err(ref_out, out)}
-    return rows
+        log(f"gpu: {arch} {mode}")
+        spec = {**common, "mode": mode, "file": str(ours_file if mode == "stock_on_ours" else source),
+                "output": str(work / f"{arch}_{mode}.pt")}
+        if args.profile and mode in PROFILED:
+            spec["profile"] = str(args.out.parent / f"profile_{arch}_{mode}.txt")
+        try:
+            rows[mode] = run_child("bench.gpu_child", json.dumps(spec))
+            outputs[mode] = torch.load(spec["output"])
+        except RuntimeError as err:  # one failed variant is a row saying why, not a lost run
+            rows[mode] = {"mode": mode, "error": str(err)[-1500:]}
+    reference = outputs.get("stock_fp16")
+    for mode, out in outputs.items():
+        rows[mode]["rel_err"] = None if reference is None else rel_err(reference, out)
+    for path in (source, ours_file):
+        path.unlink(missing_ok=True)
+    return {"params": params, "rows": rows}
+
+
+def ratios(rows: dict[str, dict]) -> dict[str, float | None]:
+    """The issue's goals for one architecture (ours = compute auto); None where a figure is missing. The best stock
+    FP8 route is the fastest of them for the step ratio and the most accurate of them for the error."""
+    ok = {m: r for m, r in rows.items() if "ms_median" in r}
+
+    def ratio(num: str | None, mode_num: str, key: str, mode_den: str) -> float | None:
+        if mode_num not in ok or mode_den not in ok or not ok[mode_den].get(key):
+            return None
+        return ok[mode_num][num or key] / ok[mode_den][key]
+
+    stock8 = [m for m in STOCK_FP8 if m in ok]
+    fastest = min(stock8, key=lambda m: ok[m]["ms_median"], default=None)
+    errors = [ok[m]["rel_err"] for m in stock8 if ok[m].get("rel_err") is not None]
+    return {
+        "step_ours_over_fp16": ratio(None, "ours_auto", "ms_median", "stock_fp16"),
+        "step_ours_over_best_stock_fp8": None if fastest is None else ratio(None, "ours_auto", "ms_median", fastest),
+        "best_stock_fp8": fastest,
+        "peak_vram_ours_over_fp16": ratio(None, "ours_auto", "peak_mib", "stock_fp16"),
+        "load_ours_over_stock_fp16": ratio(None, "ours_auto", "load_s", "stock_fp16"),
+        "rel_err_ours": ok.get("ours_auto", {}).get("rel_err"),
+        "rel_err_best_stock_fp8": min(errors, default=None),
+    }
 
 
 def markdown(results: dict[str, dict]) -> str:
-    lines = ["| variant | model | ms / step | peak VRAM (MiB) | weights (MiB) | rel. err vs reference |",
-             "|---|---|---:|---:|---:|---:|"]
-    for variant, rows in results.items():
-        for name, r in rows.items():
+    lines = ["| model | variant | load s | model MiB | peak MiB | ms / step (median, min-max) | rel. err vs FP16 |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for arch, res in results.items():
+        for mode, r in res["rows"].items():
             if "skipped" in r:
-                lines.append(f"| {variant} | {name} | skipped: {r['skipped']} | | | |")
+                lines.append(f"| {arch} | {mode} | skipped: {r['skipped']} | | | | |")
                 continue
-            peak = "n/a" if r["peak_vram_mib"] is None else f"{r['peak_vram_mib']:.0f}"
-            err = "-" if r["rel_err"] is None else f"{r['rel_err']:.4f}"
-            lines.append(f"| {variant} | {name} | {r['ms_per_step']:.1f} | {peak} | {r['weight_bytes'] / MIB:.0f} "
-                         f"| {err}{'' if r['finite'] else ' (non-finite output)'} |")
+            if "error" in r:
+                lines.append(f"| {arch} | {mode} | failed: {r['error'].splitlines()[-1][:100]} | | | | |")
+                continue
+            peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+            err = "-" if r.get("rel_err") is None else f"{r['rel_err']:.4f}"
+            lines.append(f"| {arch} | {mode} | {r['load_s']:.1f} | {r['model_mib']:.0f} | {peak} | "
+                         f"{r['ms_median']:.1f} ({r['ms_min']:.1f}-{r['ms_max']:.1f}) | {err} |")
     return "\n".join(lines)
+
+
+def header(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine()["cpu"]
+    from tools import comfy_host
+
+    return {"when": now(), "device_name": name, "device": args.device, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "comfyui": comfy_host.host_version(), "machine": machine(),
+            "pixels": args.pixels, "batch": args.batch, "image_tokens": args.batch * (args.pixels // 16) ** 2,
+            "context_tokens": models.CONTEXT_TOKENS, "repeats": args.repeats, "warmup": 3,
+            "weights": "random seeded, Gaussian 1/sqrt(fan_in), sin-cos pos_embed, bfloat16 file",
+            "smoke_test": device.type != "cuda"}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: sd35_medium,sd35_large")
+    parser.add_argument("--variants", default="sd35_medium,sd35_large", help=f"comma-separated, of {list(ARCHS)}")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {list(MODES)}")
     parser.add_argument("--pixels", type=int, default=1024, help="image side in pixels (latent side = pixels / 8)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed forwards per model (median kept)")
-    parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (smoke test: float32, no fp8_matmul)")
-    parser.add_argument("--depth", type=int, default=None, help="joint blocks (default: full depth, 24 / 38)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "gpu.json", help="JSON results file")
+    parser.add_argument("--batch", type=int, default=2, help="samples per step (2: cond + uncond)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per variant (median kept)")
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (the smoke test)")
+    parser.add_argument("--profile", action="store_true", help="kernel tables of one step, next to --out")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON results file (default: bench/results/gpu.json on a GPU, gpu_cpu_smoke.json on cpu)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where the model files go (default: a temp dir)")
     args = parser.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if unknown := [v for v in variants if v not in VARIANTS]:
-        parser.error(f"--variants: {unknown} not in {list(VARIANTS)}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    archs = [v.strip() for v in args.variants.split(",") if v.strip()]
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if unknown := [v for v in archs if v not in ARCHS] + [m for m in args.modes if m not in MODES]:
+        parser.error(f"--variants/--modes: {unknown} not known; variants {list(ARCHS)}, modes {list(MODES)}")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         parser.error("--device: no CUDA device here; use --device cpu for the smoke test")
-    setup_torch()
-    boot_host(cpu=device.type == "cpu")
-    cap = probe_device(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine()["cpu"]
-    print(f"device: {name} ({device}); torch {torch.__version__}, CUDA {torch.version.cuda}; "
-          f"fp8 matmul: {'yes' if cap.fp8_matmul else 'no'} ({cap.reason})", flush=True)
-    results = {v: bench_variant(v, args, device, dtype, cap) for v in variants}
-    table = markdown(results)
-    print(f"\n{args.pixels}x{args.pixels}, depth {args.depth or 'full'}, median of {args.repeats}, "
-          f"compute dtype {str(dtype).removeprefix('torch.')}\n\n{table}")
-    out = {
-        "when": now(), "device_name": name, "device": asdict(cap), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "machine": machine(), "pixels": args.pixels,
-        "image_tokens": (args.pixels // 16) ** 2, "context_tokens": models.CONTEXT_TOKENS,
-        "depth": {v: args.depth or models.depth_of(v) for v in variants}, "repeats": args.repeats,
-        "warmup": WARMUP, "compute_dtype": str(dtype), "results": results, "table": table,
-    }
+    args.out = args.out or RESULTS / ("gpu.json" if torch.device(args.device).type == "cuda" else "gpu_cpu_smoke.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
+    boot_host(cpu=torch.device(args.device).type != "cuda")  # ComfyUI's MMDiT class builds the files
+    work = Path(tempfile.mkdtemp(prefix="sd35fp8_gpu_", dir=args.workdir))
+    out = header(args) | {"results": {}, "ratios": {}}
+    print(f"device: {out['device_name']}; torch {out['torch']}, CUDA {out['cuda']}, ComfyUI {out['comfyui']}",
+          flush=True)
+    try:
+        for arch in archs:
+            out["results"][arch] = run_arch(arch, args, work)
+            out["ratios"][arch] = ratios(out["results"][arch]["rows"])
+            out["table"] = markdown(out["results"])
+            args.out.write_text(json.dumps(out, indent=2))  # after each architecture: a cut-off run keeps it
+            print(f"\n{out['table']}\n\n{json.dumps(out['ratios'], indent=1)}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     log(f"wrote {args.out}")
-    return 0
+    failed = [f"{a}/{m}" for a, res in out["results"].items() for m, r in res["rows"].items() if "error" in r]
+    if failed:
+        log(f"failed variants: {failed}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

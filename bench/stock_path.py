@@ -11,7 +11,7 @@ Or, where the layer's entry says `full_precision_matrix_mult`, it dequantizes th
   a few sampling steps (timesteps 1000..250) of *other* latents and prompts than the ones measured;
 - stock_full_precision: the entries marked `full_precision_matrix_mult` (what Save FP8 Model writes);
 - ours_weight_only / ours_fp8_matmul: our loaders' FP8 layers (per-channel e4m3), the second with per-token
-  dynamic activation scales through torch._scaled_mm (run on the CPU here through its test-only switch).
+  dynamic activation scales through torch._scaled_mm (run on the CPU here by replacing `quant.linear.runs_scaled_mm`).
 
 Error: relative, of one denoiser forward against the 16-bit model computed in float32, on the tiny test architecture
 (SD3.5 Large shapes, depth 2, hidden 128) and on Medium at full width and reduced depth. `scaled_mm_calls` counts
@@ -87,10 +87,11 @@ def _stock_model(sd16: dict, variant: str, depth: int | None, full_precision: bo
 def _ours(reference: torch.nn.Module, fp8_matmul: bool) -> torch.nn.Module:
     model = models.ours(reference)  # weight_only
     if fp8_matmul:
-        linear.RUN_SCALED_MM_ON_CPU = True
+        linear.runs_scaled_mm = lambda device: True  # torch's CPU _scaled_mm runs the path's arithmetic here
         for module in model.modules():
             if isinstance(module, linear.FP8Linear):
-                module.__dict__.setdefault("_resolved_compute", {})["cpu"] = "fp8_matmul"
+                resolved = module.__dict__.setdefault("_resolved_compute", {})
+                resolved.update({("cpu", dt): "fp8_matmul" for dt in (torch.float32, torch.float16, torch.bfloat16)})
     return model
 
 

@@ -83,8 +83,9 @@ def quant_inputs(with_disabled: bool = False) -> list[io.Input]:
                                "the weights (and uses a generic embedders/first/last rule on other models); none "
                                "quantizes every Linear."),
         io.Combo.Input("compute", options=list(COMPUTE_MODES), default="auto",
-                       tooltip="auto: FP8 tensor-core matmul where the GPU has it (NVIDIA compute capability 8.9+), "
-                               "else weight_only. weight_only: FP8 storage, 16/32-bit math (works everywhere). "
+                       tooltip="auto: FP8 tensor-core matmul where the GPU has it (NVIDIA compute capability 8.9+) "
+                               "and a one-time timing there finds it faster, else weight_only. weight_only: FP8 "
+                               "storage, 16/32-bit math (works everywhere). "
                                "fp8_matmul: require FP8 tensor cores; an error on GPUs without them."),
     ]
 

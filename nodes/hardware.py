@@ -7,7 +7,10 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..quant.hardware import probe_device
+from ..quant.linear import auto_compute
 from .common import CATEGORY, PackNode
+
+COMMON_LINEAR = (6144, 1536)  # (out, in) of SD3.5 Medium's MLP fc1: its most common Linear shape by FLOPs
 
 
 def devices_present() -> list[str]:
@@ -36,7 +39,9 @@ class SD35FP8HardwareInfo(PackNode):
                 io.Boolean.Output(display_name="fp8_matmul_supported",
                                   tooltip="True where FP8 tensor-core matmul can run."),
                 io.String.Output(display_name="recommended_compute",
-                                 tooltip="fp8_matmul or weight_only: what compute=auto will use."),
+                                 tooltip="fp8_matmul or weight_only: what compute=auto will use for SD3.5's most "
+                                         "common Linear layer in float16 (fp8_matmul only where it is timed "
+                                         "faster on this device)."),
                 io.Int.Output(display_name="memory_mb", tooltip="Device memory in MB."),
             ],
         )
@@ -46,4 +51,5 @@ class SD35FP8HardwareInfo(PackNode):
         if device.strip() == "auto":
             device = str(comfy.model_management.get_torch_device())
         cap = probe_device(device.strip())
-        return io.NodeOutput(cap.to_text(), cap.fp8_matmul, cap.recommended_compute, int(cap.memory_mb))
+        auto = auto_compute(device.strip(), torch.float16, *COMMON_LINEAR) if cap.fp8_matmul else "weight_only"
+        return io.NodeOutput(cap.to_text(), cap.fp8_matmul, auto, int(cap.memory_mb))

@@ -55,7 +55,7 @@ def fp8_weight(module: torch.nn.Module, name: str = "", weight: torch.Tensor | N
         params = getattr(weight, "_params", None)
         scale = params.scale if params is not None else weight._layout_params["scale"]
         if scale is None:
-            scale = torch.ones(())
+            scale = torch.ones((), device=weight._qdata.device)
         return weight._qdata, scale.detach().float()
     if not is_fp8(weight):
         return None

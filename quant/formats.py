@@ -225,14 +225,16 @@ def _widenable(qweight: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """fp8 weight * scale in `dtype` (the scale broadcasts: [out, 1] or []), scaled in place: one allocation."""
+    """fp8 weight * scale in `dtype` (the scale broadcasts: [out, 1] or []), scaled in place: one allocation, two
+    passes (cast, scale). Off the CPU the float32 scale multiplies as it is (no per-call cast of the scale, and the
+    product is rounded once); the CPU takes it in `dtype` (its kernels would widen a mixed-dtype operand first)."""
     narrow, factor = _widenable(qweight) if dtype.is_floating_point else (qweight, 1.0)
     out = narrow.to(dtype)
     if factor != 1.0:  # folded into the scale: one pass fewer
         scale = scale.to(device=qweight.device, dtype=torch.float32) * factor
-    scale = scale.to(device=qweight.device, dtype=dtype)
+    scale = scale.to(device=qweight.device, dtype=dtype if qweight.device.type == "cpu" else scale.dtype)
     if torch.broadcast_shapes(out.shape, scale.shape) != out.shape:
-        return out * scale
+        return out * scale.to(dtype)
     return out.mul_(scale)
 
 
@@ -261,7 +263,8 @@ def quantize_unit_scale(tensor: torch.Tensor, fmt: str = "float8_e4m3fn",
     one = torch.ones((), device=tensor.device)
     fp8, _ = _quantize_chunks(rows, one, dtype, None, unit)  # x / 1.0 -> FP8: the bits of tensor.to(dtype)
     sample = rows[:: max(1, rows.shape[0] // _COMPARED_ROWS)]
-    _quantize_chunks(sample, _scale_from_absmax(torch.tensor(absmax), fp8_max(dtype)), dtype, None, scaled)
+    absmax_t = torch.tensor(absmax, device=tensor.device)
+    _quantize_chunks(sample, _scale_from_absmax(absmax_t, fp8_max(dtype)), dtype, None, scaled)
     error, scaled_error = unit.relative, scaled.relative
     if error > 1.1 * scaled_error:
         return None, error, (f"{name}: FP8 with scale 1.0 would err {error:.4f} ({scaled_error:.4f} with a scale, "

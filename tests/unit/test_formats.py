@@ -176,3 +176,16 @@ def test_fast_cpu_widening_equals_torch_conversion_for_every_code(fmt, dtype):
     scale = torch.full((256, 1), 0.37)
     assert torch.equal(dequantize_weight(codes.reshape(256, 1), scale, dtype)[finite.reshape(256, 1)],
                        (codes.to(dtype).reshape(256, 1) * scale.to(dtype))[finite.reshape(256, 1)])
+
+
+def test_every_tensor_is_made_on_the_input_device():
+    """Under `torch.device("meta")` a tensor made without device= lands on meta and meets the CPU input in an
+    op: the error a GPU-resident quantize gave ("Expected all tensors to be on the same device")."""
+    table, weight, empty = sincos_pos_embed((1, 64, 32)), gaussian(64, 32), torch.zeros(0, 8)
+    with torch.device("meta"):
+        fp8, err, why = quantize_unit_scale(table, name="pos_embed")
+        outputs = [fp8, *quantize_weight(weight), *quantize_weight(weight, scaling="per_tensor"),
+                   *quantize_weight_with_error(weight)[:2], *quantize_weight(empty)]
+        outputs.append(dequantize_weight(outputs[1], outputs[2], torch.float16))
+    assert why == "" and err < 0.05
+    assert {t.device.type for t in outputs} == {"cpu"}

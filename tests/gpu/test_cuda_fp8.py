@@ -1,0 +1,62 @@
+"""What only a CUDA GPU with FP8 tensor cores shows: quantizing a model held on the GPU, both FP8 paths against
+dequantize-then-matmul there, and compute=auto's timed choice. Skipped, saying why, anywhere else; the GPU session
+runs them first (bench/README.md, "GPU run")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quant import linear
+from quant.config import QuantConfig
+from quant.formats import dequantize_weight, quantize_weight
+from quant.hardware import probe_device, rowwise_problem
+from quant.linear import FP8Linear, auto_compute, scaled_linear
+from quant.quantize import quantize
+
+HAS_FP8_GPU = torch.cuda.is_available() and probe_device("cuda").fp8_matmul
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_FP8_GPU, reason="needs a CUDA GPU with FP8 tensor cores "
+                                                   "(compute capability 8.9+); none here")]
+
+
+def test_quantize_a_model_held_on_the_gpu():
+    """The fix: every tensor the quantizer makes is made on the model's device (pos_embed's scale was made on the
+    CPU: "Expected all tensors to be on the same device")."""
+    from tools.tiny_sd35 import build_mmdit
+
+    model = build_mmdit("large", device="cuda", dtype=torch.bfloat16).eval()
+    for p in model.parameters():
+        p.data.normal_(0, p[0].numel() ** -0.5 if p.dim() > 1 else 0.02)
+    model.pos_embed.data.uniform_(-1, 1)
+    q = quantize(model, QuantConfig(compute="weight_only"))[0]
+    assert {t.device.type for t in q.state_dict().values()} == {"cuda"}
+    assert any(isinstance(m, FP8Linear) for m in q.modules())
+
+
+@pytest.mark.parametrize("path", ["weight_only", "fp8_matmul"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scaling", ["per_channel", "per_tensor"])
+def test_fp8_paths_match_dequantize_then_matmul_on_the_gpu(path, dtype, scaling):
+    if path == "fp8_matmul" and rowwise_problem(torch.device("cuda"), dtype):
+        pytest.skip(rowwise_problem(torch.device("cuda"), dtype))
+    torch.manual_seed(0)
+    w, b = torch.randn(1536, 1024, device="cuda") * 0.02, torch.randn(1536, device="cuda") * 0.01
+    q, s = quantize_weight(w, scaling=scaling)
+    x = torch.randn(2, 333, 1024, device="cuda").to(dtype)
+    x[0, 7] *= 300  # an outlier token
+    out = scaled_linear(x, q, s, b.to(dtype), path)
+    reference = F.linear(x.double(), dequantize_weight(q, s, torch.float64), b.to(dtype).double())
+    rel = float((out.double() - reference).norm() / reference.norm())
+    assert out.dtype == dtype and out.shape == (2, 333, 1536)
+    assert rel < (0.01 if path == "weight_only" else 0.03), rel
+
+
+def test_auto_times_both_paths_on_this_device(monkeypatch):
+    linear._auto_choice.clear()
+    seconds = linear.time_paths(torch.device("cuda"), torch.bfloat16, 6144, 1536)
+    print(f"6144x1536 bf16 (ms): { {k: 1e3 * v for k, v in seconds.items()} }")
+    assert all(0 < v < 1 for v in seconds.values())
+    choice = auto_compute("cuda", torch.bfloat16, 6144, 1536)
+    monkeypatch.setattr(linear, "time_paths", lambda *a: pytest.fail("timed twice"))
+    assert auto_compute("cuda", torch.bfloat16, 6144, 1536) == choice in ("fp8_matmul", "weight_only")
