@@ -60,8 +60,8 @@ browser:
 $(FLOOR_STAMP): tests/floor/requirements.txt pyproject.toml
 	test -n "$(FLOOR_TORCH)" || { echo "pyproject.toml has no \"torch>=X\" dependency line" >&2; exit 1; }
 	test -x $(FLOOR_PY) || $(PYTHON) -m venv $(FLOOR_VENV)
-	$(FLOOR_PY) -m pip install -q torch==$(FLOOR_TORCH) torchvision==$(FLOOR_TORCHVISION)
-	$(FLOOR_PY) -m pip install -q -r tests/floor/requirements.txt
+	$(FLOOR_PY) -m pip install -q --no-compile torch==$(FLOOR_TORCH) torchvision==$(FLOOR_TORCHVISION)
+	$(FLOOR_PY) -m pip install -q --no-compile -r tests/floor/requirements.txt
 	touch $@
 
 # two processes: the host's session checks that the engine is imported once, as the pack's (tests/conftest.py)

@@ -57,10 +57,10 @@ class HostLog(logging.Handler):
     def summary(self) -> str:
         where = f"host log: {self.path.relative_to(REPO)}"
         if not self.failed:
-            return f"ComfyUI: all built-in nodes imported ({where})"
-        missing = f" (missing: {', '.join(sorted(self.missing))})" if self.missing else ""
-        return (f"ComfyUI: its built-in {', '.join(self.failed)} did not import{missing}; this pack and the demo's "
-                f"workflows do not use them ({where})")
+            return f"ComfyUI: all its built-in nodes imported ({where})"
+        missing = f" ({', '.join(sorted(self.missing))} not installed)" if self.missing else ""
+        return (f"ComfyUI: its built-in {', '.join(self.failed)} did not import{missing}; not used by this pack or "
+                f"the demo\n  {where}")
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ The README's picture (docs/images/ab_compare_graph.png) is this module's screens
 ComfyUI 0.8.0: that run writes it there, stamped with a hash of what it shows (the workflow file and web/*.js), and
 a test fails while the committed picture's stamp is not the current one. Pixels are not compared (fonts and
 rendering vary between machines); the stamp says whether the picture shows the current graph. To refresh it:
-`COMFY_HOST=0.8.0 .venv/bin/python -m pytest tests/browser -k ab_compare`, then commit the picture.
+`COMFY_HOST=0.8.0 .venv/bin/python -m pytest tests/browser -k "ab_compare or readme_picture"`, then commit it.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def test_readme_picture_shows_the_current_workflow():
     recorded = Image.open(README_PICTURE).text.get(STAMP_KEY)
     assert recorded == picture_stamp(), (
         f"{README_PICTURE.relative_to(REPO)} does not show the current {README_WORKFLOW.name} / web/*.js: run "
-        f"COMFY_HOST={README_HOST} .venv/bin/python -m pytest tests/browser -k ab_compare and commit the picture")
+        f"COMFY_HOST={README_HOST} .venv/bin/python -m pytest tests/browser -k ab_compare, and commit the picture")
 
 
 def _history(server) -> dict:
