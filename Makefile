@@ -1,6 +1,6 @@
 # make test  - from a fresh clone: create .venv, install pinned deps, materialise both ComfyUI hosts, run pytest:
-#              unit tests once, integration + browser tests on each host, then each host in FP8-device mode
-#              (make test HOSTS=0.8.0 runs one host), and `make test-floor`
+#              unit tests once, `make test-floor`, integration + browser tests on each host, then each host in
+#              FP8-device mode (make test HOSTS=0.8.0 runs one host)
 # make test-floor - the unit tests and a txt2img smoke run in ComfyUI 0.3.75 on the oldest torch pyproject.toml
 #              allows, in a venv of its own (.venv-floor)
 # make demo  - run the txt2img and FP16-vs-FP8 workflows through the real ComfyUI (see README)
@@ -64,11 +64,12 @@ $(FLOOR_STAMP): tests/floor/requirements.txt pyproject.toml
 	$(FLOOR_PY) -m pip install -q --no-compile -r tests/floor/requirements.txt
 	touch $@
 
-# two processes: the host's session checks that the engine is imported once, as the pack's (tests/conftest.py)
+# two processes (the host's session checks that the engine is imported once, as the pack's: tests/conftest.py);
+# the smoke run runs even when a unit test fails, and either failing fails the target
 test-floor: fixtures $(FLOOR_STAMP)
-	@echo "== torch $(FLOOR_TORCH) (the floor), ComfyUI 0.3.75"
-	$(FLOOR_PY) -m pytest -q tests/unit
-	SD35_FP8_FLOOR=1 $(FLOOR_PY) -m pytest -q tests/floor
+	@echo "== torch $(FLOOR_TORCH) (the floor), ComfyUI 0.3.75: tests/unit, tests/floor"
+	@rc=0; $(FLOOR_PY) -m pytest -q tests/unit || rc=1; \
+	  SD35_FP8_FLOOR=1 $(FLOOR_PY) -m pytest -q tests/floor || rc=1; exit $$rc
 
 lint: venv
 	$(PY) -m ruff check .
