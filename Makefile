@@ -1,6 +1,8 @@
 # make test  - from a fresh clone: create .venv, install pinned deps, materialise both ComfyUI hosts, run pytest:
-#              unit tests once, integration + browser tests on each host, then each host in FP8-device mode
-#              (make test HOSTS=0.8.0 runs one host)
+#              unit tests once, `make test-floor`, integration + browser tests on each host, then each host in
+#              FP8-device mode (make test HOSTS=0.8.0 runs one host)
+# make test-floor - the unit tests and a txt2img smoke run in ComfyUI 0.3.75 on the oldest torch pyproject.toml
+#              allows, in a venv of its own (.venv-floor)
 # make demo  - run the txt2img and FP16-vs-FP8 workflows through the real ComfyUI (see README)
 # Re-running reuses .venv and .cache/ (stamps below).
 
@@ -13,7 +15,16 @@ CACHE := .cache
 HOSTS ?= 0.3.75 0.8.0
 PYTEST := $(PY) -m pytest -q
 
-.PHONY: test lint venv host hosts fixtures browser demo serve bench bench-quick bench-gpu clean
+.PHONY: test test-floor lint venv host hosts fixtures browser demo serve bench bench-quick bench-gpu clean
+
+# The floor venv: torch at pyproject.toml's floor (its `"torch>=X"` line, so the floor that is declared is the one
+# tested) and the torchvision built for it (0.(N+15) for torch 2.N), ComfyUI 0.3.75's pinned packages
+# (tests/floor/requirements.txt); the host's source is the one `make host` materialised for the main venv.
+FLOOR_VENV := .venv-floor
+FLOOR_PY := $(FLOOR_VENV)/bin/python
+FLOOR_STAMP := $(FLOOR_VENV)/.installed
+FLOOR_TORCH := $(shell sed -n 's/^ *"torch>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+FLOOR_TORCHVISION := $(shell echo $(FLOOR_TORCH) | awk -F. '{print "0." $$2 + 15}')
 
 $(STAMP): requirements-test.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,11 +57,26 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
+$(FLOOR_STAMP): tests/floor/requirements.txt pyproject.toml
+	test -n "$(FLOOR_TORCH)" || { echo "pyproject.toml has no \"torch>=X\" dependency line" >&2; exit 1; }
+	test -x $(FLOOR_PY) || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_PY) -m pip install -q --no-compile torch==$(FLOOR_TORCH) torchvision==$(FLOOR_TORCHVISION)
+	$(FLOOR_PY) -m pip install -q --no-compile -r tests/floor/requirements.txt
+	touch $@
+
+# two processes (the host's session checks that the engine is imported once, as the pack's: tests/conftest.py);
+# the smoke run runs even when a unit test fails, and either failing fails the target
+test-floor: fixtures $(FLOOR_STAMP)
+	@echo "== torch $(FLOOR_TORCH) (the floor), ComfyUI 0.3.75: tests/unit, tests/floor"
+	@rc=0; $(FLOOR_PY) -m pytest -q tests/unit || rc=1; \
+	  SD35_FP8_FLOOR=1 $(FLOOR_PY) -m pytest -q tests/floor || rc=1; exit $$rc
+
 lint: venv
 	$(PY) -m ruff check .
 
 test: lint fixtures browser hosts
 	$(PYTEST) tests/unit
+	$(MAKE) --no-print-directory test-floor
 	@set -e; for h in $(HOSTS); do \
 	  echo "== ComfyUI $$h"; COMFY_HOST=$$h $(PYTEST) tests/integration tests/browser; \
 	  echo "== ComfyUI $$h, FP8-device mode (--supports-fp8-compute)"; COMFY_HOST=$$h COMFY_FP8_DEVICE=1 $(PYTEST) tests/integration; \

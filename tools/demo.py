@@ -9,7 +9,9 @@ Images land in demo-output/output/.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,7 +34,40 @@ def find_checkpoint() -> Path | None:
     return next((path for path in candidates if path.is_file()), None)
 
 
+class HostLog(logging.Handler):
+    """ComfyUI's own log goes to a file, not the terminal: its warnings about its built-in nodes (the audio nodes
+    need torchaudio, which the pack does not use and the venv does not install) are the host's, not the demo's
+    result. The summary names what the host could not import and where its log is."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(logging.INFO)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.file = logging.FileHandler(path, mode="w")
+        self.file.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+        self.failed: list[str] = []
+        self.missing: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.file.emit(record)
+        msg = record.getMessage()
+        self.failed += re.findall(r"IMPORT FAILED: (\S+)", msg)
+        self.missing |= set(re.findall(r"No module named '([\w.]+)'", msg))
+
+    def summary(self) -> str:
+        where = f"host log: {self.path.relative_to(REPO)}"
+        if not self.failed:
+            return f"ComfyUI: all its built-in nodes imported ({where})"
+        missing = f" ({', '.join(sorted(self.missing))} not installed)" if self.missing else ""
+        return (f"ComfyUI: its built-in {', '.join(self.failed)} did not import{missing}; not used by this pack or "
+                f"the demo\n  {where}")
+
+
 def main() -> int:
+    host_log = HostLog(REPO / "demo-output" / "comfyui.log")
+    root = logging.getLogger()
+    root.handlers[:] = [host_log]  # before ComfyUI is imported: its messages go to the file only
+    root.setLevel(logging.INFO)
     comfy_dir = comfy_host.materialise(REPO / ".cache")
     ckpt = find_checkpoint()
     tiny = ckpt is None
@@ -80,6 +115,7 @@ def main() -> int:
     print("  " + next(line for line in report.splitlines() if line.startswith("layers:")))  # the text's summary
     print(f"txt2img: {txt2img_s:.1f} s wall; sampler: {stats.splitlines()[1]}")
     print(f"A/B FP16 vs FP8 (same seed): SSIM {ssim:.4f}, PSNR {psnr:.2f} dB ({ab_s:.1f} s wall)")
+    print(host_log.summary())
     print("Images:")
     for path in images:
         print(f"  {path.relative_to(REPO)}")

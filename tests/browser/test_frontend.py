@@ -3,10 +3,17 @@
 Loads every shipped UI workflow into the page, checks the frontend knows every node type (no
 missing nodes) and lists ours under their categories, then queues the txt2img workflow from the
 page and waits for its image in the server's history. Screenshots go to test-artifacts/browser/.
+
+The README's picture (docs/images/ab_compare_graph.png) is this module's screenshot of the A/B workflow on
+ComfyUI 0.8.0: that run writes it there, stamped with a hash of what it shows (the workflow file and web/*.js), and
+a test fails while the committed picture's stamp is not the current one. Pixels are not compared (fonts and
+rendering vary between machines); the stamp says whether the picture shows the current graph. To refresh it:
+`COMFY_HOST=0.8.0 .venv/bin/python -m pytest tests/browser -k "ab_compare or readme_picture"`, then commit it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -14,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image, PngImagePlugin
 
 from tools import comfy_host
 
@@ -25,6 +33,25 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run
 CONTRACT = {"SD35FP8CheckpointLoader", "SD35FP8DiffusionModelLoader", "SD35FP8QuantizeModel", "SD35FP8QuantizeCLIP",
             "SD35FP8Sampler", "SD35FP8HardwareInfo", "SD35FP8CompareImages", "SD35FP8SaveModel"}
 UI_WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+README_PICTURE = REPO / "docs" / "images" / "ab_compare_graph.png"
+README_WORKFLOW = REPO / "workflows" / "sd35_fp8_ab_compare.json"
+README_HOST = "0.8.0"  # the picture shows the newest tested host's frontend
+STAMP_KEY = "sd35_fp8:shows"
+
+
+def picture_stamp() -> str:
+    """What the README's picture shows: the workflow file (nodes, widget values, layout) and the web/*.js code."""
+    digest = hashlib.sha256(README_WORKFLOW.read_bytes())
+    for js in sorted((REPO / "web").glob("*.js")):
+        digest.update(js.read_bytes())
+    return digest.hexdigest()
+
+
+def save_readme_picture(screenshot: Path) -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_text(STAMP_KEY, picture_stamp())
+    info.add_text("sd35_fp8:host", comfy_host.host_label())
+    Image.open(screenshot).save(README_PICTURE, pnginfo=info, optimize=True)
 
 pytestmark = pytest.mark.browser
 
@@ -93,6 +120,16 @@ def test_ui_workflow_loads_without_missing_nodes(page, path):
     page.keyboard.press(".")
     page.wait_for_timeout(500)
     page.screenshot(path=str(ARTIFACTS / f"{path.stem}.png"))
+    if path == README_WORKFLOW and comfy_host.host_version() == README_HOST:
+        save_readme_picture(ARTIFACTS / f"{path.stem}.png")
+
+
+def test_readme_picture_shows_the_current_workflow():
+    """After the screenshots above (on 0.8.0 they rewrite it): the committed picture shows the current graph."""
+    recorded = Image.open(README_PICTURE).text.get(STAMP_KEY)
+    assert recorded == picture_stamp(), (
+        f"{README_PICTURE.relative_to(REPO)} does not show the current {README_WORKFLOW.name} / web/*.js: run "
+        f"COMFY_HOST={README_HOST} .venv/bin/python -m pytest tests/browser -k ab_compare, and commit the picture")
 
 
 def _history(server) -> dict:
