@@ -47,6 +47,20 @@ def parse_budget(text: str | None, input_name: str = "memory_budget") -> str | i
     return int(gib * GIB)
 
 
+SAMPLING_LATENT = (2, 16, 128, 128)  # SD3.5 at 1024x1024 with cfg: cond + uncond, 16 channels, 1/8 scale
+SD3_MEMORY_USAGE_FACTOR = 1.6  # ComfyUI 0.8's for SD3 (0.3.75's is 1.2: the estimate below is the larger)
+
+
+def sampling_bytes(on_gpu: bool) -> int:
+    """What sampling SD3.5 at 1024x1024 with cfg needs by ComfyUI 0.8's own estimate (`BaseModel.memory_required`
+    on SAMPLING_LATENT): latent area x 2 bytes (16-bit) x 0.01 x the factor MiB with a GPU's flash / PyTorch
+    attention (about 1 GiB), area x 0.15 x the factor MiB otherwise, e.g. on the CPU (about 7.7 GiB). The nodes ask
+    the running ComfyUI for its estimate; the CLI, which has none to ask, uses this."""
+    area = SAMPLING_LATENT[0] * math.prod(SAMPLING_LATENT[2:])
+    per_area = 2 * 0.01 if on_gpu else 0.15
+    return int(area * per_area * SD3_MEMORY_USAGE_FACTOR * 2**20)
+
+
 def auto_budget(free: int, sampling: int, where: str) -> int:
     """The weights' share of `free` bytes on `where` after sampling's `sampling` bytes and a margin of 5% (at least
     512 MiB) for the VAE decode and the allocator."""
