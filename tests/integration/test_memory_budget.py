@@ -10,7 +10,6 @@ import torch
 from helpers import _unload_all, fp8_layers
 from prompts import dm_loader, encode, fp8_loader, ksampler, quantize_model, show
 
-from quant.budget import SAMPLING_LATENT, sampling_bytes
 from tools import comfy_host
 
 GIB = 2**30
@@ -62,8 +61,10 @@ def test_checkpoint_loader_fits_a_budget_between_the_preset_and_16bit(runner, fi
 
 
 def test_quantize_model_auto_budget_is_comfyuis_free_memory_minus_its_sampling_estimate(runner, fixture_files,
-                                                                                       monkeypatch):
+                                                                                       monkeypatch, pack):
     import comfy.model_management
+
+    budget = importlib.import_module(pack.__name__ + ".quant.budget")
 
     ckpt = fixture_files["large_all_in_one"].name
     runner.run({"ck": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
@@ -71,8 +72,8 @@ def test_quantize_model_auto_budget_is_comfyuis_free_memory_minus_its_sampling_e
     source = runner.node_outputs("ck")[0]
     _unload_all()
     sixteen = _weights(source)
-    sampling = int(source.model.memory_required(list(SAMPLING_LATENT)))  # ComfyUI's estimate, 1024x1024 with cfg
-    assert sampling <= sampling_bytes(on_gpu=False)  # the CLI's estimate for a CPU (ComfyUI 0.8's) is never smaller
+    sampling = int(source.model.memory_required(list(budget.SAMPLING_LATENT)))  # ComfyUI's estimate, 1024x1024, cfg
+    assert sampling <= budget.sampling_bytes(on_gpu=False)  # the CLI's estimate for a CPU (ComfyUI 0.8's): not less
     target = int(sixteen * 0.4)  # between all-FP8 and all-16-bit
     free = sampling + GIB // 2 + target  # margin: 512 MiB while 5% of free is less
     assert free // 20 < GIB // 2
