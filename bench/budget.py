@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-import quant.budget
 import quant.plan
 from quant.budget import Candidate, fit, group_factor, held_bytes
 from quant.config import QuantConfig
+from quant.decision import STORED_FP8
 from quant.quantize import quantize
 
 from . import models
@@ -48,8 +48,7 @@ UNIT = 64 << 10
 def _each_tensor_quantized_once():
     """The points differ only in which layers stay 16-bit: each tensor's FP8 copy (and its error) is the same in
     all of them, so it is computed once (the math is deterministic; the drivers and the planner run as they are)."""
-    names = [(quant.plan, "quantize_weight_with_error"), (quant.plan, "quantize_unit_scale"),
-             (quant.budget, "quantize_weight_with_error")]
+    names = [(quant.plan, "quantize_weight_with_error"), (quant.plan, "quantize_unit_scale")]
     saved = [getattr(module, name) for module, name in names]
     cache: dict = {}
 
@@ -78,7 +77,7 @@ def _run(ref, inp, reference, budget: int | None = None, **settings) -> dict:
     held = sum(held_bytes(row, 2) for row in report.layers)
     return {"bytes": held, "measured": rel_err(reference, models.forward(model, inp)),
             "predicted": None if report.budget is None else report.budget["predicted_error"],
-            "errors": {row.name: row.rel_error for row in report.layers if row.action == "fp8"}}
+            "errors": {row.name: row.rel_error for row in report.layers if row.action in STORED_FP8}}
 
 
 def _variant(variant: str, depth: int, pixels: int, steps: int) -> dict:

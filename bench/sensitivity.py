@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from quant.config import QuantConfig
+from quant.decision import STORED_FP8
 from quant.formats import dequantize_weight, quantize_weight, relative_error
 from quant.policy import ProtectionPolicy
 from quant.quantize import quantize
@@ -71,7 +72,7 @@ def _share(full_shapes: dict[str, tuple[int, ...]], keys: list[str]) -> float:
 
 def _sq_sum(report, names: set[str]) -> float:
     """Sum of the squared weight errors of the named layers' FP8 rows."""
-    return sum(row.rel_error**2 for row in report.layers if row.name in names and row.action == "fp8")
+    return sum(row.rel_error**2 for row in report.layers if row.name in names and row.action in STORED_FP8)
 
 
 def _one_kind(variant: str, kind: str, depth: int, pixels: int) -> dict:

@@ -2,7 +2,9 @@
 
 auto = ComfyUI's free memory on its device (`get_free_memory`, plus what the input model already holds there)
 minus what sampling SD3.5 at 1024x1024 with cfg needs by ComfyUI's own estimate for the model
-(`BaseModel.memory_required` on a [2, 16, 128, 128] latent: cond + uncond) minus a margin (quant.budget.auto_budget).
+(`BaseModel.memory_required` on quant.budget.SAMPLING_LATENT) minus a margin: quant.budget.auto_budget, the rule
+the CLI's `--budget auto` follows too (which, with no ComfyUI to ask, measures free memory itself and uses ComfyUI
+0.8's estimate for its device: quant.budget.sampling_bytes).
 """
 
 from __future__ import annotations
@@ -12,9 +14,7 @@ import comfy.model_management
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..quant.budget import auto_budget, parse_budget
-
-SAMPLING_LATENT = (2, 16, 128, 128)  # SD3.5 at 1024x1024: cond + uncond, 16 channels, 1/8 scale
+from ..quant.budget import SAMPLING_LATENT, auto_budget, parse_budget
 
 
 def memory_budget_input() -> io.String.Input:

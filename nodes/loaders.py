@@ -76,6 +76,12 @@ def model_dtype(dtypes: Mapping[str, torch.dtype], shapes: Mapping[str, tuple[in
     return source if dtype in FLOAT8_DTYPES else dtype
 
 
+def _settings(fp8_format: str, scaling: str, protect_preset: str, compute: str, protect_patterns: str) -> dict:
+    """The loaders' quantization inputs as QuantConfig fields (the budget is resolved apart: `_config`)."""
+    return {"fp8_format": fp8_format, "scaling": scaling, "protect_preset": protect_preset, "compute": compute,
+            "protect_patterns": protect_patterns}
+
+
 def _quantize_file(path: str, header: dict, model_prefix: str, settings: dict, memory_budget: str, **stream):
     """Stream-quantize a checked file: (state dict, report, the model's 16-bit dtype for ComfyUI's build)."""
     shapes, dtypes = header_shapes_dtypes(header)
@@ -134,8 +140,7 @@ class SD35FP8CheckpointLoader(PackNode):
             model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path, embedding_directory=embeddings)
             report_text = f"{ckpt_name}: fp8_format=disabled, loaded as stored (no FP8)."
         else:
-            settings = {"fp8_format": fp8_format, "scaling": scaling, "protect_preset": protect_preset,
-                        "compute": compute, "protect_patterns": protect_patterns}
+            settings = _settings(fp8_format, scaling, protect_preset, compute, protect_patterns)
             sd, report, dtype = _quantize_file(path, header, CHECKPOINT_MODEL_PREFIX, settings, memory_budget,
                                                text_encoders=text_encoder_fp8)
             ops = make_fp8_ops(compute)
@@ -218,8 +223,7 @@ class SD35FP8DiffusionModelLoader(PackNode):
     @classmethod
     def execute(cls, model_name, fp8_format, scaling, protect_preset, compute, protect_patterns="",
                 memory_budget="") -> io.NodeOutput:
-        settings = {"fp8_format": fp8_format, "scaling": scaling, "protect_preset": protect_preset,
-                    "compute": compute, "protect_patterns": protect_patterns}
+        settings = _settings(fp8_format, scaling, protect_preset, compute, protect_patterns)
         if model_name in folder_paths.get_filename_list("diffusion_models"):
             path, header = _model_file("diffusion_models", model_name, "model_name")
             sd, report, dtype = _quantize_file(path, header, "", settings, memory_budget)

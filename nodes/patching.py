@@ -7,7 +7,6 @@ while the clone is loaded. The GPU therefore only ever receives the FP8 layer.
 
 from __future__ import annotations
 
-import functools
 import uuid
 from collections.abc import Mapping
 
@@ -15,7 +14,9 @@ import comfy.utils
 import torch
 
 from ..quant.config import QuantConfig
-from ..quant.plan import FP8, HELD, PROTECTED, UNIT_SCALE, Decision, apply, make_plan
+from ..quant.decision import FP8, UNIT_SCALE
+from ..quant.engine import run_plan
+from ..quant.plan import make_plan
 from ..quant.report import Report
 from .common import progress_callback
 from .fp8_ops import make_fp8_ops, ops_linear_holding
@@ -52,9 +53,9 @@ def quantize_modules(patcher, root_attr: str, config: QuantConfig, *, text_encod
     scales: dict[str, torch.Tensor] = {}
     for name, module in linears.items():
         weight = _original_weight(patcher, f"{prefix}{name}.weight", module)
-        held = fp8_weight(module, name, weight)
-        if held is not None:  # ours, or the host's own FP8 layer (a stock loader on an FP8 file)
-            weight, scales[f"{name}.weight"] = held
+        arrived_fp8 = fp8_weight(module, name, weight)
+        if arrived_fp8 is not None:  # ours, or the host's own FP8 layer (a stock loader on an FP8 file)
+            weight, scales[f"{name}.weight"] = arrived_fp8
         tensors[f"{name}.weight"] = weight
     for name, _ in list(root.named_parameters()) + list(root.named_buffers()):  # biases, norms, tables, scales
         if name not in tensors:
@@ -62,24 +63,14 @@ def quantize_modules(patcher, root_attr: str, config: QuantConfig, *, text_encod
     plan = make_plan(config, {k: tuple(t.shape) for k, t in tensors.items()}, {k: t.dtype for k, t in tensors.items()},
                      model_prefix=None if text_encoders is not None else "", text_encoders=text_encoders,
                      linears=set(linears))
-    report = plan.new_report(rule)
+    results, report = run_plan(plan, tensors, tensors.__getitem__, scales=scales, progress=progress_callback(),
+                               report=plan.new_report(rule))
     ops = make_fp8_ops(config.compute)
-
-    def store(key: str, decision: Decision, redo: bool = False) -> None:
-        tensor = tensors[key]
-        stored, scale = apply(decision, tensor, config, report, scales.get(key) if decision.action == HELD else None)
-        if decision.action == FP8:
-            bias = linears[decision.layer].bias
-            clone.add_object_patch(f"{prefix}{decision.layer}",
-                                   ops_linear_holding(ops, stored, scale, bias, bias_dtype=tensor.dtype))
-        elif decision.action == UNIT_SCALE and stored is not tensor:
-            clone.add_object_patch(f"{prefix}{key}", stored)
-        elif redo and decision.action == PROTECTED:  # kept 16-bit by a memory budget after all: drop our patch
-            clone.object_patches.pop(f"{prefix}{decision.layer}", None)
-
-    progress = progress_callback()
-    for index, key in enumerate(tensors):
-        progress(index, len(tensors))
-        store(key, plan[key])
-    progress(len(tensors), len(tensors))
-    return clone, plan.finish(report, functools.partial(store, redo=True), tensors.__getitem__)
+    for key, result in results.items():
+        if result.decision.action == FP8:
+            bias = linears[result.decision.layer].bias
+            clone.add_object_patch(f"{prefix}{result.decision.layer}", ops_linear_holding(
+                ops, result.tensor, result.scale, bias, bias_dtype=tensors[key].dtype))
+        elif result.decision.action == UNIT_SCALE and result.tensor is not tensors[key]:
+            clone.add_object_patch(f"{prefix}{key}", result.tensor)
+    return clone, report

@@ -33,13 +33,13 @@ def fp8_state_dict(model, layout: str = "stock_compatible") -> tuple[dict, dict[
     layer_formats: dict[str, str] = {}
     for module_name, module in dm.named_modules():
         prefix = f"{module_name}." if module_name else ""
-        held = fp8_weight(module, module_name) if is_linear(module) else None
-        if held is not None:
-            qdata, scale = held
+        fp8 = fp8_weight(module, module_name) if is_linear(module) else None
+        if fp8 is not None:
+            qdata, scale = fp8
             sd[prefix + "weight"], sd[prefix + "weight_scale"] = qdata.detach().cpu(), scale.cpu()
             layer_formats[module_name] = format_name(qdata.dtype)
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            if tensor is None or (held is not None and (name == "weight" or ("." + name).endswith(SCALE_SUFFIXES))):
+            if tensor is None or (fp8 is not None and (name == "weight" or ("." + name).endswith(SCALE_SUFFIXES))):
                 continue
             # 16-bit like the official files (--cpu upcasts on load); an unscaled float8 tensor (a legacy file's
             # bias, a cast model's norm) widens exactly; a unit-scale table (pos_embed) stays FP8

@@ -7,6 +7,8 @@ the layers in FP8. Keeping a layer 16-bit removes its cost and adds (16-bit byte
 takes layers by cost removed per byte added while they fit (greedy; `python -m bench.run --only budget` compares
 it with the exact optimum). Layers the preset protects stay 16-bit unless the budget cannot be met otherwise;
 layers the user's patterns protect always do.
+
+The number work only: the plan turns its decisions and a report into candidates and back (`Plan.fit_budget`).
 """
 
 from __future__ import annotations
@@ -18,18 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from .report import GIB, LayerReport, format_bytes
 
-from .formats import quantize_weight_with_error
-
-GIB = 1 << 30
 BUDGET_FORMS = ("empty or off (no budget: the preset decides), auto (fit ComfyUI's device), or the diffusion "
                 "model's weights in GiB, e.g. 10.5")
 SENSITIVITY = json.loads((Path(__file__).with_name("sensitivity.json")).read_text())
-
-
-def format_bytes(n: int) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / 2**20:.2f} MiB"
 
 
 class BudgetTooSmall(ValueError):
@@ -50,6 +45,20 @@ def parse_budget(text: str | None, input_name: str = "memory_budget") -> str | i
     if not math.isfinite(gib) or gib <= 0:
         raise ValueError(f"{input_name}: {text!r} is not a memory budget; use {BUDGET_FORMS}")
     return int(gib * GIB)
+
+
+SAMPLING_LATENT = (2, 16, 128, 128)  # SD3.5 at 1024x1024 with cfg: cond + uncond, 16 channels, 1/8 scale
+SD3_MEMORY_USAGE_FACTOR = 1.6  # ComfyUI 0.8's for SD3 (0.3.75's is 1.2: the estimate below is the larger)
+
+
+def sampling_bytes(on_gpu: bool) -> int:
+    """What sampling SD3.5 at 1024x1024 with cfg needs by ComfyUI 0.8's own estimate (`BaseModel.memory_required`
+    on SAMPLING_LATENT): latent area x 2 bytes (16-bit) x 0.01 x the factor MiB with a GPU's flash / PyTorch
+    attention (about 1 GiB), area x 0.15 x the factor MiB otherwise, e.g. on the CPU (about 7.7 GiB). The nodes ask
+    the running ComfyUI for its estimate; the CLI, which has none to ask, uses this."""
+    area = SAMPLING_LATENT[0] * math.prod(SAMPLING_LATENT[2:])
+    per_area = 2 * 0.01 if on_gpu else 0.15
+    return int(area * per_area * SD3_MEMORY_USAGE_FACTOR * 2**20)
 
 
 def auto_budget(free: int, sampling: int, where: str) -> int:
@@ -137,58 +146,8 @@ def fit(candidates: list[Candidate], fixed_bytes: int, budget: int,
     return Fit(sixteen, total, error, demoted)
 
 
-def held_bytes(row, itemsize: int | None = None) -> int:
+def held_bytes(row: LayerReport, itemsize: int | None = None) -> int:
     """A report row's bytes as the host holds them: FP8 and non-float tensors as stored, the others at `itemsize`
     bytes per element (None: as stored)."""
     wide = row.dtype_after.startswith("torch.float") and "float8" not in row.dtype_after
     return math.prod(row.shape) * itemsize if wide and itemsize is not None else row.bytes_after
-
-
-def fit_budget(plan, report, budget: int, source: Callable[[str], torch.Tensor], itemsize: int | None = None) -> dict:
-    """Fit the diffusion model's weights in `budget` bytes after a first pass of `plan` filled `report`.
-
-    `itemsize`: bytes per element of the model's 16-bit tensors where the host will hold them in another dtype
-    than the source's (ComfyUI builds a model in float32 on the CPU); None: as they are.
-
-    Returns {key: new Decision} for the tensors to redo (apply them to `source(key)`, the tensor as it came in);
-    their old rows are dropped from the report, and the plan holds the new decisions. The report gets the
-    budget's summary (`report.budget`) and a warning for preset-protected layers the budget put in FP8."""
-    from .plan import FP8, PROTECTED, UNIT_SCALE, Decision
-
-    rows = {row.name: row for row in report.layers}
-
-    def wide(row) -> int:  # the row's bytes when held 16-bit
-        return row.bytes_before if itemsize is None else math.prod(row.shape) * itemsize
-
-    candidates, fixed = [], 0
-    variant = plan.policy.variant.name
-    for key, decision in plan.decisions.items():
-        row = rows.get(decision.layer) if decision.in_model else None
-        if row is None:
-            continue
-        if decision.action in (FP8, UNIT_SCALE) and row.action == "fp8":
-            candidates.append(Candidate(key, decision.layer, row.bytes_after, wide(row), row.rel_error, False,
-                                        group_factor(decision.layer, variant)[1]))
-        elif decision.action == PROTECTED and decision.layer in plan.policy.by_preset:
-            rows_out = row.shape[0] if plan.config.scaling == "per_channel" else 1
-            candidates.append(Candidate(key, decision.layer, math.prod(row.shape) + 4 * rows_out, wide(row), None,
-                                        True, group_factor(decision.layer, variant)[1]))
-        else:
-            fixed += held_bytes(row, itemsize)
-    config = plan.config
-    result = fit(candidates, fixed, budget,
-                 lambda c: quantize_weight_with_error(source(c.key), config.fp8_format, config.scaling, name=c.name)[2])
-    changed = {c.key: Decision(PROTECTED, "memory budget: kept 16-bit", c.name, True) if not c.preset else
-               Decision(FP8, f"memory budget: FP8 to fit ({plan[c.key].rule} would keep it 16-bit)", c.name, True)
-               for c in candidates if c.preset != (c.key in result.sixteen_bit)}
-    plan.decisions.update(changed)
-    names = {d.layer for d in changed.values()}
-    report.layers = [row for row in report.layers if row.name not in names]
-    report.budget = {"budget_bytes": budget, "bytes": result.bytes, "predicted_error": result.predicted_error,
-                     "kept_16bit": sorted(c.name for c in candidates if not c.preset and c.key in result.sixteen_bit),
-                     "demoted": result.demoted,
-                     "sensitivity": f"{variant or 'no measured variant: largest'} factors; {SENSITIVITY['source']}"}
-    if result.demoted:
-        report.warnings.append(f"memory budget: {len(result.demoted)} layer(s) the preset keeps 16-bit are FP8 to fit "
-                               f"({', '.join(result.demoted[:8])}{', ...' if len(result.demoted) > 8 else ''})")
-    return changed

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .budget import auto_budget, parse_budget
+from .budget import auto_budget, parse_budget, sampling_bytes
 from .checkpoint import LAYOUTS, STOCK_FORMAT, inspect_file, save_quantized, to_stock_layout
 from .config import BACKENDS, PRESETS, QuantConfig
 from .formats import FP8_DTYPES, SCALINGS
@@ -50,22 +50,18 @@ def _format_and_scaling(args: argparse.Namespace) -> tuple[str, str]:
     return args.format or STOCK_FORMAT, args.scaling or "per_channel"
 
 
-# Sampling SD3.5 at 1024x1024 with cfg on a GPU, by ComfyUI 0.8's own estimate for SD3 with PyTorch attention
-# (BaseModel.memory_required: latent area 2 x 128 x 128 x 2 bytes x 0.01 x memory_usage_factor 1.6 MiB). The
-# nodes ask the running ComfyUI instead; the CLI has no ComfyUI to ask.
-CLI_SAMPLING_BYTES = int(2 * 128 * 128 * 2 * 0.01 * 1.6 * 2**20)
-
-
 def _budget(text: str | None) -> int | None:
+    """--budget in bytes; auto: the nodes' rule (quant.budget.auto_budget) on this machine's free GPU memory, else
+    its available RAM, with ComfyUI's sampling estimate for that device (sampling_bytes)."""
     value = parse_budget(text, "--budget")
     if value != "auto":
         return value
     if torch.cuda.is_available():
-        return auto_budget(torch.cuda.mem_get_info()[0], CLI_SAMPLING_BYTES, torch.cuda.get_device_name())
+        return auto_budget(torch.cuda.mem_get_info()[0], sampling_bytes(on_gpu=True), torch.cuda.get_device_name())
     if not (available := host_memory("MemAvailable")):
         raise ValueError("--budget auto: no GPU and no /proc/meminfo to read this machine's free memory from; give "
                          "the budget in GiB, e.g. --budget 10.5")
-    return auto_budget(available, CLI_SAMPLING_BYTES, "this machine's RAM (no GPU)")
+    return auto_budget(available, sampling_bytes(on_gpu=False), "this machine's RAM (no GPU)")
 
 
 def convert(args: argparse.Namespace) -> int:
@@ -118,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--budget", default=None, metavar="GIB|auto",
                       help="fit the diffusion model's weights in this many GiB (e.g. 10.5), keeping 16-bit the layers "
                            "where 16-bit buys the most; auto: this machine's free GPU memory (else RAM) after sampling "
-                           "at 1024x1024. Default: the preset decides")
+                           "at 1024x1024 by ComfyUI's estimate, and a margin. Default: the preset decides")
     conv.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     conv.add_argument("--max-layers", type=int, default=20, help="layers listed in the printed report")
     conv.set_defaults(func=convert)

@@ -10,8 +10,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from .formats import FP8_DTYPES, SCALINGS
+from .presets import PRESETS
 
-PRESETS: tuple[str, ...] = ("auto", "sd35_large", "sd35_medium", "sd35_large_turbo", "none")
 COMPUTE_MODES: tuple[str, ...] = ("auto", "fp8_matmul", "weight_only")
 BACKENDS: tuple[str, ...] = ("native", "quanto")
 

@@ -3,32 +3,38 @@
 A plan is made from the tensors' names, shapes and dtypes plus a QuantConfig, before any weight is read, so a
 file's header, an in-memory state dict, a torch module and a ComfyUI model are planned alike. Every rule lives
 here or in policy.py (presets, patterns, variant detection); the drivers (streaming.py for files and state
-dicts, quantize.py for torch modules, the pack's nodes/patching.py for ComfyUI models) only walk their tensors,
-call `apply` and store what it returns. A report column is added in report.py and filled in `apply`.
+dicts, quantize.py for torch modules, the pack's nodes/patching.py for ComfyUI models) hand their tensors to
+engine.run_plan, which calls `apply` for each, and build their output from what it returns. A report column is
+added in report.py and filled in `LayerReport.of`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from .budget import fit_budget
+from .budget import SENSITIVITY, Candidate, fit, group_factor, held_bytes
 from .checkpoint import LEGACY_MARKER
 from .config import QuantConfig, check_choice
+from .decision import (
+    ALREADY_FP8,
+    COMPANION,
+    FP8,
+    KEPT,
+    OUTSIDE,
+    PROTECTED,
+    STORED_FP8,
+    UNIT_SCALE,
+    WIDEN,
+    Decision,
+)
 from .formats import FP8_DTYPES, quantize_unit_scale, quantize_weight_with_error
 from .policy import ProtectionPolicy, resolve_policy
+from .quanto_backend import quanto_quantize_weight
 from .report import LayerReport, Report
-
-FP8 = "fp8"  # quantized: FP8 weight + float32 scale
-PROTECTED = "protected"  # a Linear weight kept 16-bit by a rule
-UNIT_SCALE = "unit_scale"  # a non-Linear table (pos_embed) in FP8 with scale 1.0 where that is accurate enough
-HELD = "held_fp8"  # arrived in FP8 with its scale (a scaled FP8 file, a host's FP8 layer): passed through
-WIDEN = "widen"  # a bare float8 tensor of an older scaled_fp8 file (a bias): widened to float16
-KEPT = "kept"  # any other tensor of what is quantized (norms, biases, convs): stored as it is
-COMPANION = "companion"  # a scale, marker or quantization entry, read with its weight: no output of its own
-OUTSIDE = "outside"  # not part of what is quantized (VAE, text encoders not chosen): passed through, not reported
 
 # A layer's scales (ours, ComfyUI's mixed-precision and legacy names) and the per-file markers.
 WEIGHT_SCALE_SUFFIXES = (".weight_scale", ".scale_weight")
@@ -47,14 +53,6 @@ CHECKPOINT_MODEL_PREFIX = "model.diffusion_model."  # and their diffusion model'
 
 class UnsupportedQuantFormat(ValueError):
     """A layer stored in a quantized format other than scaled FP8 (nvfp4, mxfp8, int8, ...)."""
-
-
-@dataclass(frozen=True)
-class Decision:
-    action: str
-    rule: str  # why, in words: the preset glob, pattern line or policy that decided it
-    layer: str  # the report's name: the layer (no `.weight`) for Linear weights, else the tensor's own name
-    in_model: bool = False  # part of the diffusion model (its FP8 layers are listed in a saved file's metadata)
 
 
 def choose_encoders(option: str, value: str, choices: Mapping[str, tuple[str, ...]]) -> tuple[str, ...]:
@@ -78,13 +76,68 @@ class Plan:
         return Report(rule=self.policy.rule if rule is None else rule, warnings=list(self.policy.warnings),
                       fp8_format=self.config.fp8_format, scaling=self.config.scaling, backend=self.config.backend)
 
-    def finish(self, report: Report, store: Callable[[str, Decision], None] | None = None,
-               source: Callable[[str], torch.Tensor] | None = None, itemsize: int | None = None) -> Report:
-        """The report of a finished pass, with its closing warning. With a memory budget and `store`: first fit the
-        budget (quant.budget.fit_budget: `source`, `itemsize`) and `store` each tensor whose decision it changes."""
-        if store is not None and self.config.memory_budget is not None:
-            for key, decision in fit_budget(self, report, self.config.memory_budget, source, itemsize).items():
-                store(key, decision)
+    def fit_budget(self, report: Report, source: Callable[[str], torch.Tensor],
+                   itemsize: int | None = None) -> dict[str, Decision]:
+        """Fit the diffusion model's weights in the config's memory budget after a first pass filled `report`.
+
+        `source(key)`: a tensor as it came in (to measure a preset-protected layer's FP8 error if the budget forces
+        it into FP8). `itemsize`: bytes per element of the model's 16-bit tensors where the host will hold them in
+        another dtype than the source's (ComfyUI builds a model in float32 on the CPU); None: as they are.
+
+        Returns {key: new Decision} for the tensors to redo from their source; their old rows are dropped from the
+        report and the plan holds the new decisions. The report gets the budget's summary (`report.budget`) and a
+        warning for preset-protected layers the budget put in FP8. No budget: {}."""
+        budget = self.config.memory_budget
+        if budget is None:
+            return {}
+        candidates, fixed = self._budget_candidates(report, itemsize)
+        config = self.config
+        result = fit(candidates, fixed, budget, lambda c: quantize_weight_with_error(
+            source(c.key), config.fp8_format, config.scaling, name=c.name)[2])
+        changed = {c.key: Decision(PROTECTED, "memory budget: kept 16-bit", c.name, True) if not c.preset else
+                   Decision(FP8, f"memory budget: FP8 to fit ({self[c.key].rule} would keep it 16-bit)", c.name, True)
+                   for c in candidates if c.preset != (c.key in result.sixteen_bit)}
+        self.decisions.update(changed)
+        names = {d.layer for d in changed.values()}
+        report.layers = [row for row in report.layers if row.name not in names]
+        variant = self.policy.variant.name
+        kept = sorted(c.name for c in candidates if not c.preset and c.key in result.sixteen_bit)
+        report.budget = {"budget_bytes": budget, "bytes": result.bytes, "predicted_error": result.predicted_error,
+                         "kept_16bit": kept,
+                         "demoted": result.demoted,
+                         "sensitivity": f"{variant or 'no measured variant: largest'} factors; {SENSITIVITY['source']}"}
+        if result.demoted:
+            report.warnings.append(f"memory budget: {len(result.demoted)} layer(s) the preset keeps 16-bit are FP8 to "
+                                   f"fit ({', '.join(result.demoted[:8])}{', ...' if len(result.demoted) > 8 else ''})")
+        return changed
+
+    def _budget_candidates(self, report: Report, itemsize: int | None) -> tuple[list[Candidate], int]:
+        """(the layers a budget may move between FP8 and 16-bit, the bytes of everything else as held)."""
+        rows = {row.name: row for row in report.layers}
+
+        def wide(row: LayerReport) -> int:  # the row's bytes when held 16-bit
+            return row.bytes_before if itemsize is None else math.prod(row.shape) * itemsize
+
+        candidates, fixed = [], 0
+        variant = self.policy.variant.name
+        for key, decision in self.decisions.items():
+            row = rows.get(decision.layer) if decision.in_model else None
+            if row is None:
+                continue
+            factor = group_factor(decision.layer, variant)[1]
+            if row.action in STORED_FP8:
+                candidates.append(Candidate(key, decision.layer, row.bytes_after, wide(row), row.rel_error, False,
+                                            factor))
+            elif decision.action == PROTECTED and decision.layer in self.policy.by_preset:
+                rows_out = row.shape[0] if self.config.scaling == "per_channel" else 1
+                candidates.append(Candidate(key, decision.layer, math.prod(row.shape) + 4 * rows_out, wide(row),
+                                            None, True, factor))
+            else:
+                fixed += held_bytes(row, itemsize)
+        return candidates, fixed
+
+    def finish(self, report: Report) -> Report:
+        """The report of a finished pass, with its closing warning."""
         if report.n_already_fp8:
             report.warnings.append(f"the input already holds {report.n_already_fp8} FP8 layer(s): they were kept "
                                    "as they are")
@@ -105,7 +158,6 @@ def make_plan(config: QuantConfig, shapes: Mapping[str, tuple[int, ...]], dtypes
     module); a file's are its 2-D `.weight` keys. `dtypes` may mark a layer float8 that arrives in a host's own
     quantized tensor type. `policy`: a ready protection policy for the model (the benchmark's per-group runs).
     """
-    text_encoders = dict(text_encoders or {})
     if model_prefix and not any(k.startswith(model_prefix) for k in shapes):
         model_prefix = ""  # a bare diffusion-model file given to a checkpoint reader
     model_shapes = {} if model_prefix is None else \
@@ -113,81 +165,95 @@ def make_plan(config: QuantConfig, shapes: Mapping[str, tuple[int, ...]], dtypes
     if policy is None:
         policy = resolve_policy(config, model_shapes, hint) if model_prefix is not None else \
             ProtectionPolicy("", frozenset())
-    legacy = any(k.endswith(LEGACY_MARKER) for k in shapes)
+    planner = _Planner(shapes, dtypes, model_prefix, dict(text_encoders or {}), linears, policy,
+                       any(k.endswith(LEGACY_MARKER) for k in shapes))
+    return Plan(config, policy, {key: planner.decide(key) for key in shapes})
 
-    def is_layer(key: str) -> bool:
+
+@dataclass
+class _Planner:
+    """The rules of `make_plan`, one tensor at a time."""
+
+    shapes: Mapping[str, tuple[int, ...]]
+    dtypes: Mapping[str, torch.dtype]
+    model_prefix: str | None
+    text_encoders: dict[str, str]
+    linears: Collection[str] | None
+    policy: ProtectionPolicy
+    legacy: bool  # an older scaled_fp8 file (its marker tensor is present)
+
+    def is_layer(self, key: str) -> bool:
         base = key.removesuffix(".weight")
-        return base != key and len(shapes[key]) == 2 and (linears is None or base in linears)
+        return base != key and len(self.shapes[key]) == 2 and (self.linears is None or base in self.linears)
 
-    def decide(key: str) -> Decision:
+    def decide(self, key: str) -> Decision:
         if key.endswith(SCALE_SUFFIXES) or key.endswith((LEGACY_MARKER, QUANT_ENTRY_SUFFIX)):
             return Decision(COMPANION, "read with its layer", key)
-        encoder = next((e for e, prefix in text_encoders.items() if key.startswith(prefix)), None)
-        in_model = encoder is None and model_prefix is not None and key.startswith(model_prefix)
-        rel = key[len(model_prefix):] if in_model else key
-        layer = rel.removesuffix(".weight") if is_layer(key) else rel
-        dtype = dtypes[key]
-        if in_model and rel in policy.unit_scale:
+        encoder = next((e for e, prefix in self.text_encoders.items() if key.startswith(prefix)), None)
+        in_model = encoder is None and self.model_prefix is not None and key.startswith(self.model_prefix)
+        rel = key[len(self.model_prefix):] if in_model else key
+        layer = rel.removesuffix(".weight") if self.is_layer(key) else rel
+        if in_model and rel in self.policy.unit_scale:
             return Decision(UNIT_SCALE, "SD3 table: FP8 with scale 1.0", rel, True)
-        if dtype in FP8_DTYPES.values():  # wherever it is: its scale must travel with it
-            base = key.removesuffix(".weight")
-            if is_layer(key) or any(base + suffix in shapes for suffix in WEIGHT_SCALE_SUFFIXES):
-                return Decision(HELD, "already FP8 with its scale", layer, in_model)
-            if linears is not None:  # a live model: the host loaded it so and runs it so
-                return Decision(KEPT, "float8 as the host loaded it", rel, in_model)
-            if legacy:
-                return Decision(WIDEN, "bare float8 in a scaled_fp8 file: widened to float16", rel, in_model)
-            raise ValueError(f"{key} is {dtype} without a weight_scale/scale_weight: not a scaled FP8 file this "
-                             "pack can read")
+        if self.dtypes[key] in FP8_DTYPES.values():  # wherever it is: its scale must travel with it
+            return self._arrived_fp8(key, rel, layer, in_model)
         if not in_model and encoder is None:
             return Decision(OUTSIDE, "not quantized here", key)
-        if not is_layer(key):
+        if not self.is_layer(key):
             return Decision(KEPT, "not a Linear weight", rel, in_model)
         if in_model:
-            why = policy.why_protected(layer)
+            why = self.policy.why_protected(layer)
             decision = Decision(PROTECTED, why, layer, True) if why else \
-                Decision(FP8, f"Linear layer ({policy.rule.split(';')[0]})", layer, True)
+                Decision(FP8, f"Linear layer ({self.policy.rule.split(';')[0]})", layer, True)
         elif any(word in key for word in TEXT_ENCODER_KEEP):
             decision = Decision(PROTECTED, f"{encoder}: embeddings and projections stay 16-bit", layer)
         else:
             decision = Decision(FP8, f"{encoder} Linear layer", layer)
-        if decision.action == FP8 and not dtype.is_floating_point:
-            raise UnsupportedQuantFormat(f"{key} is {dtype}: packed quantized data, not a weight this pack can "
-                                         "quantize. Load this file with ComfyUI's own loader")
+        if decision.action == FP8 and not self.dtypes[key].is_floating_point:
+            raise UnsupportedQuantFormat(f"{key} is {self.dtypes[key]}: packed quantized data, not a weight this "
+                                         "pack can quantize. Load this file with ComfyUI's own loader")
         return decision
 
-    return Plan(config, policy, {key: decide(key) for key in shapes})
+    def _arrived_fp8(self, key: str, rel: str, layer: str, in_model: bool) -> Decision:
+        """A float8 tensor of the input."""
+        base = key.removesuffix(".weight")
+        if self.is_layer(key) or any(base + suffix in self.shapes for suffix in WEIGHT_SCALE_SUFFIXES):
+            return Decision(ALREADY_FP8, "already FP8 with its scale", layer, in_model)
+        if self.linears is not None:  # a live model: the host loaded it so and runs it so
+            return Decision(KEPT, "float8 as the host loaded it", rel, in_model)
+        if self.legacy:
+            return Decision(WIDEN, "bare float8 in a scaled_fp8 file: widened to float16", rel, in_model)
+        raise ValueError(f"{key} is {self.dtypes[key]} without a weight_scale/scale_weight: not a scaled FP8 file "
+                         "this pack can read")
 
 
 def apply(decision: Decision, tensor: torch.Tensor, config: QuantConfig, report: Report,
           scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Carry out one decision: (tensor to store, its float32 scale or None); the row (and any warning) goes into
-    `report`. `scale`: a HELD layer's own scale."""
+    `report`, with the action carried out (a unit-scale table FP8 cannot hold accurately enough stays 16-bit: kept).
+    `scale`: an ALREADY_FP8 layer's own scale."""
     action, name = decision.action, decision.layer
     if action in (OUTSIDE, COMPANION):
         return tensor, None
-    stored, stored_scale, error, row_action = tensor, None, None, "kept"
+    stored, stored_scale, error, done = tensor, None, None, action
     if action == FP8:
-        quantize = quantize_weight_with_error
-        if config.backend == "quanto":
-            from .quanto_backend import quanto_quantize_weight as quantize
+        quantize = quanto_quantize_weight if config.backend == "quanto" else quantize_weight_with_error
         stored, stored_scale, error = quantize(tensor, config.fp8_format, config.scaling, name=name)
-        row_action = "fp8"
-    elif action == HELD:
+    elif action == ALREADY_FP8:
         if scale is None:
             raise ValueError(f"{name} is {tensor.dtype} without a weight_scale/scale_weight: not a scaled FP8 "
                              "layer this pack can read")
         stored_scale = scale.float()
-    elif action == UNIT_SCALE and tensor.dtype.itemsize > 1:
-        fp8, error, why = quantize_unit_scale(tensor.detach(), config.fp8_format, name=name)
-        if why:
-            report.warnings.append(why)
-        if fp8 is not None:
-            stored, row_action = fp8, "fp8"
+    elif action == UNIT_SCALE:
+        done = KEPT
+        if tensor.dtype.itemsize > 1:
+            fp8, error, why = quantize_unit_scale(tensor.detach(), config.fp8_format, name=name)
+            if why:
+                report.warnings.append(why)
+            if fp8 is not None:
+                stored, done = fp8, UNIT_SCALE
     elif action == WIDEN:
         stored = tensor.to(torch.float16)
-    elif action == PROTECTED:
-        row_action = "protected"
-    report.add(LayerReport.of(name, tensor, stored, stored_scale, error, row_action,
-                              scale_before=stored_scale if action == HELD else None))
+    report.add(LayerReport.of(name, tensor, stored, stored_scale, error, done,
+                              scale_before=stored_scale if action == ALREADY_FP8 else None))
     return stored, stored_scale

@@ -3,9 +3,7 @@
 Names are ComfyUI key names relative to the diffusion model, without `.weight`
 (`joint_blocks.12.x_block.mlp.fc1`). Only 2-D `.weight` tensors are candidates.
 
-Preset contents come from the per-module sensitivity table (`make bench`, README
-"Sensitivity"): the embedders and `final_layer` carry the largest error per byte saved and
-together are ~1% of Large's weights, so all SD3.5 presets keep them 16-bit.
+The presets' contents live in presets.py.
 
 `pos_embed` (not a Linear: a [1, patches, hidden] sin-cos table, 9% of Medium) has the lowest
 error per byte saved of any group, so SD3 models store it in FP8 with a scale of 1.0
@@ -20,18 +18,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .config import QuantConfig
+from .presets import PRESET_PATTERNS
 
-# Kept 16-bit in every SD3.5 preset (x_embedder.proj is a Conv2d: listed so user-facing reports and the
-# sensitivity table name it, it never becomes FP8 anyway).
-SD35_BASE_PROTECTED = ("x_embedder.*", "t_embedder.*", "y_embedder.*", "context_embedder", "final_layer.*")
 # Non-Linear tensors of SD3 models stored in FP8 with scale 1.0 unless a user pattern protects them.
 UNIT_SCALE_TENSORS = ("pos_embed",)
-PRESET_PATTERNS: dict[str, tuple[str, ...]] = {
-    "sd35_large": SD35_BASE_PROTECTED,
-    "sd35_medium": SD35_BASE_PROTECTED,
-    "sd35_large_turbo": SD35_BASE_PROTECTED,
-    "none": (),
-}
 GENERIC_KEYWORDS = ("embed", "final", "proj_out", "proj_in", "norm_out", "conv_in", "conv_out", "label_emb", "time_")
 
 
@@ -154,7 +144,7 @@ def resolve_policy(config: QuantConfig, shapes: Mapping[str, tuple[int, ...]], h
                     f"({len(reasons)} layers)")
         else:
             chosen = variant.name if variant.name in PRESET_PATTERNS else "sd35_large"
-            reasons = _apply(chosen, names)
+            reasons = _preset_reasons(chosen, names)
             rule = f"auto: detected {variant.name} ({variant.describe()}); preset {chosen}"
     else:
         if preset != "none" and variant.name is None:
@@ -163,7 +153,7 @@ def resolve_policy(config: QuantConfig, shapes: Mapping[str, tuple[int, ...]], h
         if preset != "none" and variant.name not in (preset, None) and {preset, variant.name} != \
                 {"sd35_large", "sd35_large_turbo"}:
             warnings.append(f"protect_preset {preset} chosen but the weights look like {variant.name}")
-        reasons = _apply(preset, names)
+        reasons = _preset_reasons(preset, names)
         rule = f"preset {preset}" + (f" ({variant.describe()})" if variant.name else "")
     tables = [n for n in UNIT_SCALE_TENSORS if variant.name is not None and len(shapes.get(n, ())) >= 2]
     by_preset = set(reasons)
@@ -181,7 +171,7 @@ def resolve_policy(config: QuantConfig, shapes: Mapping[str, tuple[int, ...]], h
     return ProtectionPolicy(rule, frozenset(reasons), warnings, variant, unit_scale, reasons, frozenset(by_preset))
 
 
-def _apply(preset: str, names: list[str]) -> dict[str, str]:
+def _preset_reasons(preset: str, names: list[str]) -> dict[str, str]:
     """{layer: "preset <name>: <glob>"} for the preset's layers among `names`."""
     matches = ((n, next((g for g in PRESET_PATTERNS[preset] if _glob_match(n, g)), None)) for n in names)
     return {n: f"preset {preset}: {g}" for n, g in matches if g is not None}

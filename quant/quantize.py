@@ -13,9 +13,12 @@ from collections.abc import Mapping
 import torch
 
 from .config import QuantConfig
+from .decision import FP8, UNIT_SCALE
+from .engine import run_plan
 from .linear import FP8Linear
-from .plan import FP8, UNIT_SCALE, Decision, apply, make_plan
+from .plan import make_plan
 from .policy import ProtectionPolicy
+from .quanto_backend import quantize_quanto
 from .report import Report
 
 
@@ -51,25 +54,15 @@ def quantize(module: torch.nn.Module, config: QuantConfig | None = None, policy:
                      linears=linears, hint=hint, policy=policy, text_encoders=text_encoders,
                      model_prefix="" if text_encoders is None else None)
     report = plan.new_report()
-    tables = set(plan.keys(UNIT_SCALE))
-    originals: dict[str, torch.nn.Module] = {}
     skip: set[str] = set()
     if config.backend == "quanto":
-        from .quanto_backend import quantize_quanto
-
-        skip = quantize_quanto(target, plan, report)
-
-    def store(key: str, decision: Decision) -> None:
-        stored, scale = apply(decision, tensors[key].detach(), config, report)
-        if decision.action == FP8:
-            linear = originals.setdefault(decision.layer, target.get_submodule(decision.layer))
-            _set(target, decision.layer, FP8Linear(stored, scale, linear.bias, config.compute))
-        elif decision.layer in originals:  # kept 16-bit by a memory budget after all
-            _set(target, decision.layer, originals.pop(decision.layer))
-        elif key in tables:
-            _set(target, key, stored)
-
-    for key in tensors:
-        if key not in skip:
-            store(key, plan[key])
-    return target, plan.finish(report, store, tensors.__getitem__, budget_itemsize)
+        skip = quantize_quanto(target, {plan[k].layer: k for k in plan.keys(FP8)}, config, report)
+    results, report = run_plan(plan, [k for k in tensors if k not in skip], lambda key: tensors[key].detach(),
+                               itemsize=budget_itemsize, report=report)
+    for key, result in results.items():
+        if result.decision.action == FP8:
+            bias = target.get_submodule(result.decision.layer).bias
+            _set(target, result.decision.layer, FP8Linear(result.tensor, result.scale, bias, config.compute))
+        elif result.decision.action == UNIT_SCALE:
+            _set(target, key, result.tensor)
+    return target, report

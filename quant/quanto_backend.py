@@ -8,10 +8,13 @@ they become quanto's QLinear (forward dequantizes), in a file our layout (FP8 we
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
+from .config import QuantConfig
+from .decision import FP8
 from .formats import relative_error
-from .plan import FP8, Plan
 from .report import LayerReport, Report
 
 
@@ -42,18 +45,18 @@ def quanto_quantize_weight(weight: torch.Tensor, fp8_format: str, scaling: str,
     return qweight._data, qweight._scale.float(), relative_error(weight, qweight.dequantize())
 
 
-def quantize_quanto(target: torch.nn.Module, plan: Plan, report: Report) -> set[str]:
-    """In place: quanto's qfloat8 on the Linear layers the plan marks FP8; their rows go into `report`.
-    Returns the keys handled (the FP8 layers' weights)."""
+def quantize_quanto(target: torch.nn.Module, chosen: Mapping[str, str], config: QuantConfig,
+                    report: Report) -> set[str]:
+    """In place: quanto's qfloat8 on the Linear layers `chosen` ({layer: weight key}: those the plan marks FP8);
+    their rows go into `report`. Returns the keys handled (the FP8 layers' weights)."""
     from optimum.quanto import freeze
     from optimum.quanto import quantize as quanto_quantize
 
-    _check_scaling(plan.config.scaling)
-    chosen = {plan[k].layer: k for k in plan.keys(FP8)}
+    _check_scaling(config.scaling)
     before = {name: target.get_submodule(name).weight.detach().clone() for name in chosen}
     # quanto converts every Linear and Conv it is not told to leave alone
     exclude = [n for n, m in target.named_modules() if n and n not in chosen and not list(m.children())]
-    quanto_quantize(target, weights=quanto_weight_dtype(plan.config.fp8_format), exclude=exclude or None)
+    quanto_quantize(target, weights=quanto_weight_dtype(config.fp8_format), exclude=exclude or None)
     freeze(target)
     for name, weight in before.items():
         layer = target.get_submodule(name)

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .budget import format_bytes
+from .decision import ALREADY_FP8, FP8, PROTECTED, REPORTED, STORED_FP8, UNIT_SCALE
 
-ACTIONS = ("fp8", "protected", "kept")
+GIB = 1 << 30
+# The action column of the text report, in the words its readers (and their workflows) know: a pos_embed table in
+# FP8 is an fp8 row, a layer that arrived in FP8 is listed as kept.
+LISTED = {FP8: "fp8", UNIT_SCALE: "fp8", PROTECTED: "protected", ALREADY_FP8: "kept"}
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / 2**20:.2f} MiB"
 
 
 @dataclass
 class LayerReport:
-    """One tensor or Linear layer. `action`: fp8 (quantized), protected (policy kept it 16-bit), kept (not a
-    candidate: norms, biases, already-FP8 layers...). `rel_error` is ||W_fp8 - W|| / ||W|| for fp8 layers."""
+    """One tensor or Linear layer. `action`: what the run did with it, in the plan's words (quant.decision; a
+    unit-scale table that stayed 16-bit is kept). `rel_error` is ||W_fp8 - W|| / ||W|| for rows stored in FP8."""
 
     name: str
     shape: tuple[int, ...]
@@ -27,8 +33,8 @@ class LayerReport:
     action: str
 
     def __post_init__(self) -> None:
-        if self.action not in ACTIONS:
-            raise ValueError(f"action must be one of {ACTIONS}, got {self.action!r}")
+        if self.action not in REPORTED:
+            raise ValueError(f"action must be one of {REPORTED}, got {self.action!r}")
 
     @classmethod
     def of(cls, name: str, before: torch.Tensor, stored: torch.Tensor, stored_scale: torch.Tensor | None,
@@ -43,10 +49,6 @@ def nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _already_fp8(layer: LayerReport) -> bool:
-    return layer.action == "kept" and len(layer.shape) == 2 and "float8" in layer.dtype_after
-
-
 @dataclass
 class Report:
     layers: list[LayerReport] = field(default_factory=list)
@@ -55,13 +57,13 @@ class Report:
     fp8_format: str = ""
     scaling: str = ""
     backend: str = "native"
-    budget: dict | None = None  # a memory budget's summary (quant.budget.fit_budget)
+    budget: dict | None = None  # a memory budget's summary (Plan.fit_budget)
 
     def add(self, layer: LayerReport) -> None:
         self.layers.append(layer)
 
-    def _of(self, action: str) -> list[LayerReport]:
-        return [layer for layer in self.layers if layer.action == action]
+    def _of(self, *actions: str) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.action in actions]
 
     @property
     def bytes_before(self) -> int:
@@ -77,21 +79,21 @@ class Report:
 
     @property
     def n_fp8(self) -> int:
-        return len(self._of("fp8"))
+        return len(self._of(*STORED_FP8))
 
     @property
     def n_already_fp8(self) -> int:
         """Layers that arrived in FP8 (a scaled FP8 file, a host's FP8 layer) and were passed through."""
-        return sum(1 for layer in self._of("kept") if _already_fp8(layer))
+        return len(self._of(ALREADY_FP8))
 
     @property
     def n_protected(self) -> int:
-        return len(self._of("protected"))
+        return len(self._of(PROTECTED))
 
     @property
     def fp8_bytes(self) -> int:
         """Bytes of the FP8 layers after quantization (weights + scales)."""
-        return sum(layer.bytes_after for layer in self._of("fp8"))
+        return sum(layer.bytes_after for layer in self._of(*STORED_FP8))
 
     def summary(self) -> str:
         mb = 1024 * 1024
@@ -100,7 +102,7 @@ class Report:
                 f"{self.bytes_before / mb:.1f} MB -> {self.bytes_after / mb:.1f} MB ({self.ratio:.3f}x)")
 
     def to_text(self, max_layers: int | None = None) -> str:
-        errors = [layer.rel_error for layer in self._of("fp8") if layer.rel_error is not None]
+        errors = [layer.rel_error for layer in self._of(*STORED_FP8) if layer.rel_error is not None]
         mean_error = sum(errors) / len(errors) if errors else 0.0
         lines = [
             f"rule: {self.rule}",
@@ -117,13 +119,13 @@ class Report:
                          f"predicted output error {b['predicted_error']:.4f}")
         lines += [f"warning: {w}" for w in self.warnings]
         lines.append("name | shape | before -> after | bytes | rel_error | action")
-        listed = [layer for layer in self.layers if layer.action in ("fp8", "protected") or _already_fp8(layer)]
+        listed = self._of(*LISTED)
         for layer in listed[:max_layers]:
             err = f"{layer.rel_error:.4f}" if layer.rel_error is not None else "-"
             shape = "x".join(str(d) for d in layer.shape)
             lines.append(f"{layer.name} | {shape} | {layer.dtype_before.removeprefix('torch.')} -> "
                          f"{layer.dtype_after.removeprefix('torch.')} | {layer.bytes_before} -> {layer.bytes_after} | "
-                         f"{err} | {layer.action}")
+                         f"{err} | {LISTED[layer.action]}")
         if max_layers is not None and len(listed) > max_layers:
             lines.append(f"... {len(listed) - max_layers} more")
         return "\n".join(lines)
@@ -136,7 +138,3 @@ class Report:
             "n_protected": self.n_protected, "fp8_bytes": self.fp8_bytes, "budget": self.budget,
             "layers": [asdict(layer) for layer in self.layers],
         }
-
-    def to_json(self) -> str:
-        """`to_dict()` as JSON, for scripts and other tools (shapes become lists)."""
-        return json.dumps(self.to_dict())

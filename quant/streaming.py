@@ -14,23 +14,21 @@ import mmap
 import os
 import struct
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 from .checkpoint import QUANT_METADATA_KEY, SAFETENSORS_DTYPES, check_safetensors, header_shapes_dtypes
 from .config import QuantConfig
+from .decision import ALREADY_FP8, UNIT_SCALE
+from .engine import Stored, run_plan
 from .formats import FP8_DTYPES, format_name
 from .plan import (
     CHECKPOINT_TEXT_ENCODER_PREFIX,
-    COMPANION,
-    HELD,
     LOADER_TEXT_ENCODER_CHOICES,
     QUANT_ENTRY_SUFFIX,
-    UNIT_SCALE,
     WEIGHT_SCALE_SUFFIXES,
-    Decision,
     UnsupportedQuantFormat,
-    apply,
     choose_encoders,
     make_plan,
 )
@@ -64,47 +62,57 @@ def _refuse_unknown_formats(metadata: Mapping[str, str], quant_entries: Mapping[
                 "and float8_e5m2 layers). Load this file with ComfyUI's own loader, or quantize a 16-bit file")
 
 
-def _quantize_all(keys: list[str], shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype],
-                  take: Callable[[str], torch.Tensor], peek: Callable[[str], torch.Tensor], config: QuantConfig,
-                  model_prefix: str, text_encoders: str | None, progress: Progress | None, hint: str,
-                  keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t, metadata: Mapping[str, str] = {},
-                  budget_itemsize: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
-    """Both entry points: `take` yields each tensor once (read or popped), `peek` fetches a tensor by key, again if
-    need be (scales, quantization entries, the layers a memory budget redoes), `keep` makes an output tensor safe
-    to hold (a tensor over the file's mapped pages is copied out)."""
+@dataclass(frozen=True)
+class _Source:
+    """Where `_quantize_all` reads: `take` yields each tensor once (read or popped), `peek` fetches a tensor by key,
+    again if need be (scales, quantization entries, the layers a memory budget redoes), `keep` makes an output
+    tensor safe to hold (a tensor over the file's mapped pages is copied out)."""
+
+    keys: list[str]
+    shapes: Mapping[str, tuple[int, ...]]
+    dtypes: Mapping[str, torch.dtype]
+    take: Callable[[str], torch.Tensor]
+    peek: Callable[[str], torch.Tensor]
+    keep: Callable[[torch.Tensor], torch.Tensor] | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+def _quantize_all(src: _Source, config: QuantConfig, model_prefix: str, text_encoders: str | None,
+                  progress: Progress | None, hint: str, budget_itemsize: int | None,
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
+    """Both entry points: plan the source's tensors, run the plan, lay out the results as a state dict."""
+    keys, peek = src.keys, src.peek
     entries = {k[: -len(QUANT_ENTRY_SUFFIX)]: peek(k).numpy().tobytes() for k in keys if k.endswith(QUANT_ENTRY_SUFFIX)}
-    _refuse_unknown_formats(metadata, entries)
+    _refuse_unknown_formats(src.metadata, entries)
     chosen = choose_encoders("text_encoder_fp8", text_encoders or "none", LOADER_TEXT_ENCODER_CHOICES)
-    plan = make_plan(config, shapes, dtypes, model_prefix=model_prefix, hint=hint,
+    plan = make_plan(config, src.shapes, src.dtypes, model_prefix=model_prefix, hint=hint,
                      text_encoders={e: f"{CHECKPOINT_TEXT_ENCODER_PREFIX}{e}." for e in chosen})
-    report = plan.new_report()
-    out: dict[str, torch.Tensor] = {}
-    layer_formats: dict[str, str] = {}
-
-    def store(key: str, decision: Decision, tensor: torch.Tensor) -> None:
+    scales = {}
+    for key in plan.keys(ALREADY_FP8):
         base = key.removesuffix(".weight")
-        scale_key = base + ".weight_scale"
-        held_scale = None
-        if decision.action == HELD:
-            held_scale = next((peek(base + s) for s in WEIGHT_SCALE_SUFFIXES if base + s in shapes), None)
-        tensor, scale = apply(decision, tensor, config, report, held_scale)
-        out[key] = keep(tensor)
-        if scale is not None:
-            out[scale_key] = scale
-            if decision.in_model:
-                layer_formats[decision.layer] = format_name(tensor.dtype)
-        elif out.pop(scale_key, None) is not None:  # a layer a memory budget keeps 16-bit after all
-            layer_formats.pop(decision.layer, None)
-
+        scale_key = next((base + s for s in WEIGHT_SCALE_SUFFIXES if base + s in src.shapes), None)
+        if scale_key is not None:
+            scales[key] = peek(scale_key)
     # Tables first (pos_embed: 9% of Medium): their 16-bit copy is then briefly held beside the FP8 one while
     # little else is, instead of on top of the whole FP8 model at the end.
-    keys = sorted((k for k in keys if plan[k].action != COMPANION), key=lambda k: plan[k].action != UNIT_SCALE)
-    for index, key in enumerate(keys):
-        store(key, plan[key], take(key))
-        if progress is not None:
-            progress(index + 1, len(keys))
-    return out, layer_formats, plan.finish(report, lambda key, decision: store(key, decision, peek(key)), peek,
-                                           budget_itemsize)
+    order = sorted(keys, key=lambda k: plan[k].action != UNIT_SCALE)
+    results, report = run_plan(plan, order, src.take, source=peek, scales=scales, own=src.keep, progress=progress,
+                               itemsize=budget_itemsize)
+    out, layer_formats = _state_dict(results)
+    return out, layer_formats, report
+
+
+def _state_dict(results: Mapping[str, Stored]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict: each tensor, an FP8 layer's scale as `<layer>.weight_scale`; {model layer: FP8 format})."""
+    out: dict[str, torch.Tensor] = {}
+    layer_formats: dict[str, str] = {}
+    for key, result in results.items():
+        out[key] = result.tensor
+        if result.scale is not None:
+            out[key.removesuffix(".weight") + ".weight_scale"] = result.scale
+            if result.decision.in_model:
+                layer_formats[result.decision.layer] = format_name(result.tensor.dtype)
+    return out, layer_formats
 
 
 def quantize_safetensors_stream(path: str | os.PathLike, config: QuantConfig, *, header: dict | None = None,
@@ -122,9 +130,8 @@ def quantize_safetensors_stream(path: str | os.PathLike, config: QuantConfig, *,
     keys = sorted(shapes, key=lambda k: header[k]["data_offsets"][0])  # file order: sequential reads
     with open(path, "rb") as f:
         reader = _TensorReader(f, header, str(path))
-        return _quantize_all(keys, shapes, dtypes, reader.map, reader.read, config, model_prefix,
-                             text_encoders, progress, hint, keep=reader.keep, metadata=metadata,
-                             budget_itemsize=budget_itemsize)
+        return _quantize_all(_Source(keys, shapes, dtypes, reader.map, reader.read, reader.keep, metadata), config,
+                             model_prefix, text_encoders, progress, hint, budget_itemsize)
 
 
 class _TensorReader:
@@ -194,8 +201,8 @@ def quantize_state_dict(sd: dict[str, torch.Tensor], config: QuantConfig, *, mod
     keep_all = config.memory_budget is not None  # the budget may redo any layer from its 16-bit source: keep them all
     scales = sd if keep_all else \
         {k: v for k, v in sd.items() if k.endswith((*WEIGHT_SCALE_SUFFIXES, QUANT_ENTRY_SUFFIX))}
-    result = _quantize_all(list(sd), shapes, dtypes, sd.__getitem__ if keep_all else sd.pop, scales.__getitem__,
-                           config, model_prefix, text_encoders, progress, hint, budget_itemsize=budget_itemsize)
+    source = _Source(list(sd), shapes, dtypes, sd.__getitem__ if keep_all else sd.pop, scales.__getitem__)
+    result = _quantize_all(source, config, model_prefix, text_encoders, progress, hint, budget_itemsize)
     if keep_all:
         sd.clear()
     return result

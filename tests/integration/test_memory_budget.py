@@ -61,8 +61,10 @@ def test_checkpoint_loader_fits_a_budget_between_the_preset_and_16bit(runner, fi
 
 
 def test_quantize_model_auto_budget_is_comfyuis_free_memory_minus_its_sampling_estimate(runner, fixture_files,
-                                                                                       monkeypatch):
+                                                                                       monkeypatch, pack):
     import comfy.model_management
+
+    budget = importlib.import_module(pack.__name__ + ".quant.budget")
 
     ckpt = fixture_files["large_all_in_one"].name
     runner.run({"ck": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
@@ -70,7 +72,8 @@ def test_quantize_model_auto_budget_is_comfyuis_free_memory_minus_its_sampling_e
     source = runner.node_outputs("ck")[0]
     _unload_all()
     sixteen = _weights(source)
-    sampling = int(source.model.memory_required([2, 16, 128, 128]))  # ComfyUI's estimate, 1024x1024 with cfg
+    sampling = int(source.model.memory_required(list(budget.SAMPLING_LATENT)))  # ComfyUI's estimate, 1024x1024, cfg
+    assert sampling <= budget.sampling_bytes(on_gpu=False)  # the CLI's estimate for a CPU (ComfyUI 0.8's): not less
     target = int(sixteen * 0.4)  # between all-FP8 and all-16-bit
     free = sampling + GIB // 2 + target  # margin: 512 MiB while 5% of free is less
     assert free // 20 < GIB // 2

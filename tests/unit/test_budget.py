@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from quant import QuantConfig, quantize
 from quant.budget import GIB, SENSITIVITY, BudgetTooSmall, Candidate, fit, group_factor, parse_budget
+from quant.decision import FP8, PROTECTED
 from quant.streaming import quantize_safetensors_stream, quantize_state_dict
 
 PREFIX = "model.diffusion_model."
@@ -50,12 +51,11 @@ def test_module_budgets_fit_and_error_falls_as_the_budget_grows():
         q, report = quantize(model, QuantConfig(memory_budget=budget))
         assert _module_bytes(report) <= budget and report.budget["bytes"] == _module_bytes(report)
         assert {"context_embedder", "final_layer.linear"} <= {la.name for la in report.layers
-                                                              if la.action == "protected"}  # preset layers stay
+                                                              if la.action == PROTECTED}  # preset layers stay
         predicted.append(report.budget["predicted_error"])
         measured.append(_out_err(model, q))
         fp8_bytes = sum(m.weight.numel() for m in q.modules() if hasattr(m, "weight_scale"))
-        assert fp8_bytes == sum(math.prod(la.shape) for la in report.layers if la.action == "fp8"
-                                and la.name != "pos_embed")
+        assert fp8_bytes == sum(math.prod(la.shape) for la in report.layers if la.action == FP8)
     assert predicted == sorted(predicted, reverse=True) and predicted[-1] == 0.0
     assert measured[-1] == 0.0 and measured[2] < measured[0]  # all 16-bit: exact; twice the preset bytes: better
     assert "memory budget:" in report.to_text() and report.to_dict()["budget"]["budget_bytes"] == sixteen
@@ -81,7 +81,7 @@ def test_budget_below_the_preset_puts_preset_layers_in_fp8_and_says_so():
     _, minimum = quantize(model, QuantConfig(protect_preset="none", protect_patterns=patterns))
     _, report = quantize(model, QuantConfig(memory_budget=minimum.bytes_after, protect_patterns=patterns))
     assert report.budget["demoted"] and "context_embedder" not in report.budget["demoted"]
-    assert next(la for la in report.layers if la.name == "context_embedder").action == "protected"
+    assert next(la for la in report.layers if la.name == "context_embedder").action == PROTECTED
 
 
 def test_greedy_is_within_a_few_percent_of_the_exact_optimum():

@@ -116,10 +116,16 @@ def test_budget_fits_the_written_diffusion_model_and_bad_budgets_are_named(fixtu
 
 def test_budget_auto_without_a_gpu_is_free_ram_less_sampling_or_an_error_saying_why(monkeypatch):
     from quant import cli
-    from quant.hardware import host_memory
+    from quant.budget import GIB, sampling_bytes
 
-    free = host_memory("MemAvailable")
-    assert 0 < cli._budget("auto") < free - cli.CLI_SAMPLING_BYTES  # this machine has no GPU; a margin comes off
+    # ComfyUI 0.8's estimate for SD3.5 at 1024x1024 with cfg: 2 x 128 x 128 x 0.15 x 1.6 MiB on the CPU
+    assert sampling_bytes(on_gpu=False) == pytest.approx(7864.32 * 2**20, abs=1)
+    assert sampling_bytes(on_gpu=True) == pytest.approx(1048.576 * 2**20, abs=1)  # 2 bytes x 0.01 on a GPU
+    monkeypatch.setattr(cli, "host_memory", lambda field="MemTotal": 20 * GIB)  # this machine has no GPU
+    assert cli._budget("auto") == 20 * GIB - sampling_bytes(on_gpu=False) - GIB  # margin: 5% of the free bytes
+    monkeypatch.setattr(cli, "host_memory", lambda field="MemTotal": 8 * GIB)
+    with pytest.raises(ValueError, match="auto: this machine's RAM .* nothing is left for the weights"):
+        cli._budget("auto")
     monkeypatch.setattr(cli, "host_memory", lambda field="MemTotal": 0)  # a machine without /proc/meminfo
     with pytest.raises(ValueError, match="--budget auto: no GPU and no /proc/meminfo.*--budget 10.5"):
         cli._budget("auto")

@@ -9,6 +9,7 @@ import torch
 from mini_mmdit import MiniMMDiT
 
 from quant import QuantConfig, quantize
+from quant.decision import FP8, KEPT, PROTECTED, UNIT_SCALE
 from quant.linear import FP8Linear
 
 
@@ -51,8 +52,9 @@ def test_report_totals_and_text():
     data = report.to_dict()
     assert data["n_fp8"] == report.n_fp8 and len(data["layers"]) == len(report.layers)
     assert sum(layer["bytes_before"] for layer in data["layers"]) == data["bytes_before"]
-    as_json = json.loads(report.to_json())
+    as_json = json.loads(json.dumps(data))  # what a script writes from it: plain JSON (shapes become lists)
     assert as_json["layers"][0]["shape"] == list(data["layers"][0]["shape"]) and as_json["ratio"] == data["ratio"]
+    assert {layer["action"] for layer in as_json["layers"]} == {FP8, PROTECTED, UNIT_SCALE, KEPT}  # the plan's words
 
 
 def test_quanto_backend_same_layers_and_close_outputs():
@@ -73,8 +75,8 @@ def test_quanto_backend_same_layers_and_close_outputs():
         rel_native = float((native(x) - ref).norm() / ref.norm())
         rel_quanto = float((quanto(x) - ref).norm() / ref.norm())
     assert rel_quanto < 0.05 and abs(rel_native - rel_quanto) < 0.5 * rel_quanto, (rel_native, rel_quanto)
-    quanto_errors = {layer.name: layer.rel_error for layer in quanto_report.layers if layer.action == "fp8"}
-    native_errors = {layer.name: layer.rel_error for layer in native_report.layers if layer.action == "fp8"}
+    quanto_errors = {layer.name: layer.rel_error for layer in quanto_report.layers if layer.action == FP8}
+    native_errors = {layer.name: layer.rel_error for layer in native_report.layers if layer.action == FP8}
     assert quanto_errors.keys() == native_errors.keys()
     for name, err in native_errors.items():  # both per-channel absmax e4m3: the same error per layer
         assert quanto_errors[name] == pytest.approx(err, rel=0.2), name
