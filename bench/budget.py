@@ -20,12 +20,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-
 import quant.plan
-from quant.budget import Candidate, fit, group_factor, held_bytes
-from quant.config import QuantConfig
-from quant.decision import STORED_FP8
-from quant.quantize import quantize
+
+from sd35_fp8.quant.budget import Candidate, fit, group_factor, held_bytes
+from sd35_fp8.quant.config import QuantConfig
+from sd35_fp8.quant.decision import STORED_FP8
+from sd35_fp8.quant.quantize import quantize
 
 from . import models
 from .common import RESULTS, log, rel_err

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from quant.config import QuantConfig
-from quant.metrics import psnr_per_image, ssim_per_image
+from sd35_fp8.quant.config import QuantConfig
+from sd35_fp8.quant.metrics import psnr_per_image, ssim_per_image
 
 from . import models
 from .common import log, rel_err

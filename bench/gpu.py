@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from quant.hardware import probe_device
+from sd35_fp8.quant.hardware import probe_device
 from tools.tiny_sd35 import sincos_pos_embed
 
 from . import models

@@ -110,7 +110,7 @@ def run(spec: dict) -> dict:
     start = time.perf_counter()
     patcher = load(mode, path)
     if mode == "save_ours":
-        from quant.checkpoint import save_quantized
+        from sd35_fp8.quant.checkpoint import save_quantized
 
         sd, formats, notes = _pack().save.fp8_state_dict(patcher, "stock_compatible")
         save_quantized(spec["save_to"], sd, formats, overwrite=True)

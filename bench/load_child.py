@@ -78,10 +78,10 @@ def main(argv: list[str]) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from quant.checkpoint import save_quantized
-    from quant.config import QuantConfig
-    from quant.report import nbytes
-    from quant.streaming import quantize_safetensors_stream
+    from sd35_fp8.quant.checkpoint import save_quantized
+    from sd35_fp8.quant.config import QuantConfig
+    from sd35_fp8.quant.report import nbytes
+    from sd35_fp8.quant.streaming import quantize_safetensors_stream
 
     torch.set_num_threads(2)
     if mode in ("comfy_imports", "ours_model", "comfy_fp16"):

@@ -12,10 +12,10 @@ import math
 
 import torch
 
-from quant.config import QuantConfig
-from quant.formats import dequantize_weight, quantize_weight
-from quant.policy import resolve_policy
-from quant.report import nbytes
+from sd35_fp8.quant.config import QuantConfig
+from sd35_fp8.quant.formats import dequantize_weight, quantize_weight
+from sd35_fp8.quant.policy import resolve_policy
+from sd35_fp8.quant.report import nbytes
 
 from . import models
 from .common import log, rel_err

@@ -10,8 +10,8 @@ import copy
 
 import torch
 
-from quant.config import QuantConfig
-from quant.quantize import quantize
+from sd35_fp8.quant.config import QuantConfig
+from sd35_fp8.quant.quantize import quantize
 from tools import tiny_sd35
 
 from .weights import fill_

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from quant.config import QuantConfig
-from quant.decision import STORED_FP8
-from quant.formats import dequantize_weight, quantize_weight, relative_error
-from quant.policy import ProtectionPolicy
-from quant.quantize import quantize
+from sd35_fp8.quant.config import QuantConfig
+from sd35_fp8.quant.decision import STORED_FP8
+from sd35_fp8.quant.formats import dequantize_weight, quantize_weight, relative_error
+from sd35_fp8.quant.policy import ProtectionPolicy
+from sd35_fp8.quant.quantize import quantize
 
 from . import models
 from .common import REPO, RESULTS, log, rel_err

@@ -27,10 +27,10 @@ import types
 
 import torch
 
-from quant import linear
-from quant.checkpoint import LAYER_MARKING, QUANT_METADATA_KEY
-from quant.config import QuantConfig
-from quant.streaming import quantize_state_dict
+from sd35_fp8.quant import linear
+from sd35_fp8.quant.checkpoint import LAYER_MARKING, QUANT_METADATA_KEY
+from sd35_fp8.quant.config import QuantConfig
+from sd35_fp8.quant.streaming import quantize_state_dict
 from tools import tiny_sd35
 
 from . import models

@@ -15,9 +15,9 @@ import math
 
 import torch
 
-from quant.config import QuantConfig
-from quant.plan import FP8, make_plan
-from quant.quantize import module_shapes, quantize
+from sd35_fp8.quant.config import QuantConfig
+from sd35_fp8.quant.plan import FP8, make_plan
+from sd35_fp8.quant.quantize import module_shapes, quantize
 from tools import tiny_sd35
 
 from . import models

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from quant.formats import quantize_weight, quantize_weight_with_error
+from sd35_fp8.quant.formats import quantize_weight, quantize_weight_with_error
 
 from . import models
 from .common import interleaved, log, medians, round_ratios

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quant import linear
-from quant.config import QuantConfig
-from quant.formats import dequantize_weight, quantize_weight
-from quant.hardware import probe_device, rowwise_problem
-from quant.linear import FP8Linear, auto_compute, scaled_linear
-from quant.quantize import quantize
+from sd35_fp8.quant import linear
+from sd35_fp8.quant.config import QuantConfig
+from sd35_fp8.quant.formats import dequantize_weight, quantize_weight
+from sd35_fp8.quant.hardware import probe_device, rowwise_problem
+from sd35_fp8.quant.linear import FP8Linear, auto_compute, scaled_linear
+from sd35_fp8.quant.quantize import quantize
 
 HAS_FP8_GPU = torch.cuda.is_available() and probe_device("cuda").fp8_matmul
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_FP8_GPU, reason="needs a CUDA GPU with FP8 tensor cores "

@@ -14,7 +14,7 @@ from tools.tiny_sd35 import build_mmdit
 def _quant(pack):
     import importlib
 
-    return importlib.import_module(pack.__name__ + ".quant")
+    return importlib.import_module("sd35_fp8.quant")
 
 
 @pytest.mark.parametrize(("variant", "depth", "hidden", "attn2"), [
@@ -24,7 +24,7 @@ def test_auto_detects_full_size_architectures_on_meta(comfy_nodes, pack, variant
     model = build_mmdit(variant)  # meta device: no memory
     import importlib
 
-    shapes = importlib.import_module(pack.__name__ + ".quant.quantize").module_shapes(model)
+    shapes = importlib.import_module("sd35_fp8.quant.quantize").module_shapes(model)
     policy = quant.resolve_policy(quant.QuantConfig(), shapes)
     v = policy.variant
     assert (v.name, v.depth, v.hidden, v.qk_norm, v.attn2_blocks) == (variant, depth, hidden, True, attn2)
@@ -66,7 +66,7 @@ def test_cli_converted_checkpoint_loads_with_stock_checkpoint_loader(runner, com
     import folder_paths
 
     out = tmp_path / "tiny_sd35_large_cli_fp8.safetensors"
-    done = subprocess.run([sys.executable, "-m", "quant", "convert", str(fixture_files["large_all_in_one"]),
+    done = subprocess.run([sys.executable, "-m", "sd35_fp8.quant", "convert", str(fixture_files["large_all_in_one"]),
                            str(out)], cwd=comfy_host.Path(__file__).resolve().parents[2], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -118,7 +118,7 @@ def test_lora_requantization_multiplies_small_scales_in_float32(pack):
     be cast to it (a weight whose largest value is ~1e-6 has a scale of ~2e-9, zero in float16)."""
     import importlib
 
-    fp8_ops = importlib.import_module(pack.__name__ + ".nodes.fp8_ops")
+    fp8_ops = importlib.import_module("sd35_fp8.nodes.fp8_ops")
     real = torch.randn(32, 16, dtype=torch.float64) * 1e-6
     scale = (real.abs().amax(dim=1, keepdim=True) / 448).float()
     qweight = (real / scale.double()).to(torch.float8_e4m3fn)
@@ -136,8 +136,8 @@ def test_lora_protocol_gives_the_patched_weight_its_own_scale_and_round_trips(pa
     unpatched weight's, never changes, so the patcher's restore of the weight alone brings the exact layer back."""
     import importlib
 
-    fp8_ops = importlib.import_module(pack.__name__ + ".nodes.fp8_ops")
-    formats = importlib.import_module(pack.__name__ + ".quant.formats")
+    fp8_ops = importlib.import_module("sd35_fp8.nodes.fp8_ops")
+    formats = importlib.import_module("sd35_fp8.quant.formats")
     torch.manual_seed(0)
     qweight, scale = formats.quantize_weight(torch.randn(96, 64) * 0.1)
     layer = fp8_ops.ops_linear_holding(fp8_ops.make_fp8_ops("weight_only"), qweight, scale, torch.zeros(96))

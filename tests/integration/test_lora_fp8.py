@@ -60,8 +60,8 @@ def _error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def lora_then_quantize(pack, fp8_model, lora16_model, scaling: str | None = None):
     """`fp8_model` (the FP8 loader's) with each FP8 layer re-made from the LoRA-merged 16-bit weight, quantized
     with the same format and scaling (or `scaling`): what the loader would have built had the LoRA been in the file."""
-    fp8_ops = importlib.import_module(pack.__name__ + ".nodes.fp8_ops")
-    formats = importlib.import_module(pack.__name__ + ".quant.formats")
+    fp8_ops = importlib.import_module("sd35_fp8.nodes.fp8_ops")
+    formats = importlib.import_module("sd35_fp8.quant.formats")
     import comfy.model_management
 
     layers = fp8_layers(fp8_model)
@@ -196,7 +196,7 @@ def test_lora_on_our_saved_file_through_the_stock_loader(runner, comfy_base, fix
     runner.run({"unet": {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}},
                 "lora": _lora(["unet", 0], tiny_lora), "o": show(["lora", 0])})
     stock, stock_lora = runner.node_outputs("unet")[0], runner.node_outputs("lora")[0]
-    ours = importlib.import_module(pack.__name__ + ".nodes.fp8_ops").FP8OpsLinear
+    ours = importlib.import_module("sd35_fp8.nodes.fp8_ops").FP8OpsLinear
     assert host_quantized_layers(stock), "the stock loader did not build its own FP8 layers"
     assert not any(isinstance(m, ours) for m in stock.model.diffusion_model.modules()), "our layers are involved"
     ref = denoise(models["l16"])
@@ -217,9 +217,9 @@ def test_lora_on_our_saved_file_through_the_stock_loader(runner, comfy_base, fix
 def test_requantization_variants_table(models, pack, monkeypatch):
     """The README's table: FP8 + LoRA (merged) vs FP16 + LoRA, as a multiple of LoRA-then-quantize's error, with
     the old scale (before), a fresh scale (now), and a fresh scale with seeded stochastic rounding."""
-    fp8_ops = importlib.import_module(pack.__name__ + ".nodes.fp8_ops")
-    formats = importlib.import_module(pack.__name__ + ".quant.formats")
-    requantize = importlib.import_module(pack.__name__ + ".quant.requantize")
+    fp8_ops = importlib.import_module("sd35_fp8.nodes.fp8_ops")
+    formats = importlib.import_module("sd35_fp8.quant.formats")
+    requantize = importlib.import_module("sd35_fp8.quant.requantize")
     fresh = fp8_ops.requantized_weight
 
     def old(weight, old_scale, dtype):

@@ -64,7 +64,7 @@ def test_quantize_model_auto_budget_is_comfyuis_free_memory_minus_its_sampling_e
                                                                                        monkeypatch, pack):
     import comfy.model_management
 
-    budget = importlib.import_module(pack.__name__ + ".quant.budget")
+    budget = importlib.import_module("sd35_fp8.quant.budget")
 
     ckpt = fixture_files["large_all_in_one"].name
     runner.run({"ck": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
@@ -117,7 +117,7 @@ def test_every_linear_of_the_full_size_architecture_has_a_measured_factor(pack, 
     Both streams' blocks have their own adaLN/qkv/proj/MLP groups."""
     from tools import tiny_sd35
 
-    group_factor = importlib.import_module(pack.__name__ + ".quant.budget").group_factor
+    group_factor = importlib.import_module("sd35_fp8.quant.budget").group_factor
 
     model = tiny_sd35.build_mmdit(variant, device="meta")
     groups = {n: group_factor(n, variant)[0] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}

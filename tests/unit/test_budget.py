@@ -11,10 +11,10 @@ import torch
 from mini_mmdit import MiniMMDiT
 from safetensors.torch import load_file
 
-from quant import QuantConfig, quantize
-from quant.budget import GIB, SENSITIVITY, BudgetTooSmall, Candidate, fit, group_factor, parse_budget
-from quant.decision import FP8, PROTECTED
-from quant.streaming import quantize_safetensors_stream, quantize_state_dict
+from sd35_fp8.quant import QuantConfig, quantize
+from sd35_fp8.quant.budget import GIB, SENSITIVITY, BudgetTooSmall, Candidate, fit, group_factor, parse_budget
+from sd35_fp8.quant.decision import FP8, PROTECTED
+from sd35_fp8.quant.streaming import quantize_safetensors_stream, quantize_state_dict
 
 PREFIX = "model.diffusion_model."
 

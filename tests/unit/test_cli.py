@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "quant", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "sd35_fp8.quant", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -115,8 +115,8 @@ def test_budget_fits_the_written_diffusion_model_and_bad_budgets_are_named(fixtu
 
 
 def test_budget_auto_without_a_gpu_is_free_ram_less_sampling_or_an_error_saying_why(monkeypatch):
-    from quant import cli
-    from quant.budget import GIB, sampling_bytes
+    from sd35_fp8.quant import cli
+    from sd35_fp8.quant.budget import GIB, sampling_bytes
 
     # ComfyUI 0.8's estimate for SD3.5 at 1024x1024 with cfg: 2 x 128 x 128 x 0.15 x 1.6 MiB on the CPU
     assert sampling_bytes(on_gpu=False) == pytest.approx(7864.32 * 2**20, abs=1)

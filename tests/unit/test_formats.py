@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant.formats import (
+from sd35_fp8.quant.formats import (
     dequantize_weight,
     fp8_dtype,
     fp8_max,

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 import torch.utils._python_dispatch
 
-from quant import hardware, linear
-from quant.formats import dequantize_weight, quantize_weight
-from quant.hardware import FP8MatmulUnsupported, probe_device, resolve_compute
-from quant.linear import FP8Linear, scaled_linear
+from sd35_fp8.quant import hardware, linear
+from sd35_fp8.quant.formats import dequantize_weight, quantize_weight
+from sd35_fp8.quant.hardware import FP8MatmulUnsupported, probe_device, resolve_compute
+from sd35_fp8.quant.linear import FP8Linear, scaled_linear
 
 CPU_ROWWISE = hardware.TORCH_VERSION >= hardware.ROWWISE_MIN_TORCH["cpu"]
 needs_cpu_rowwise = pytest.mark.skipif(
@@ -121,7 +121,7 @@ def test_fp8_matmul_scales_each_token_on_its_own(scaled_mm_calls):
 def test_fp8_matmul_falls_back_to_weight_only_where_scaled_mm_cannot_run(scaled_mm_calls, caplog, fmt, in_f, why):
     layer = _fp8(_linear(64, in_f), fmt)
     x = torch.randn(4, in_f)
-    with caplog.at_level("INFO", logger="quant.linear"):
+    with caplog.at_level("INFO", logger="sd35_fp8.quant.linear"):
         out = scaled_linear(x, layer.weight, layer.weight_scale, layer.bias, "fp8_matmul")
     assert scaled_mm_calls == [] and why in caplog.text
     assert torch.equal(out, scaled_linear(x, layer.weight, layer.weight_scale, layer.bias, "weight_only"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from quant.metrics import compare_images, difference_image, report_text
+from sd35_fp8.quant.metrics import compare_images, difference_image, report_text
 
 
 def _images(b=2, h=48, w=40, c=3, noise=0.05, seed=0):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from quant.checkpoint import check_safetensors
-from quant.config import QuantConfig
-from quant.policy import detect_variant, linear_names, parse_patterns, resolve_policy
+from sd35_fp8.quant.checkpoint import check_safetensors
+from sd35_fp8.quant.config import QuantConfig
+from sd35_fp8.quant.policy import detect_variant, linear_names, parse_patterns, resolve_policy
 
 PREFIX = "model.diffusion_model."
 

@@ -20,16 +20,16 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from safetensors import safe_open
 
-from quant.checkpoint import check_safetensors
-from quant.formats import (
+from sd35_fp8.quant.checkpoint import check_safetensors
+from sd35_fp8.quant.formats import (
     dequantize_weight,
     fp8_max,
     quantize_weight,
     quantize_with_scale,
     relative_error,
 )
-from quant.linear import scaled_linear
-from quant.policy import parse_patterns
+from sd35_fp8.quant.linear import scaled_linear
+from sd35_fp8.quant.policy import parse_patterns
 
 FORMATS = ("float8_e4m3fn", "float8_e5m2")
 MANTISSA_BITS = {"float8_e4m3fn": 3, "float8_e5m2": 2}

@@ -8,9 +8,9 @@ import pytest
 import torch
 from mini_mmdit import MiniMMDiT
 
-from quant import QuantConfig, quantize
-from quant.decision import FP8, KEPT, PROTECTED, UNIT_SCALE
-from quant.linear import FP8Linear
+from sd35_fp8.quant import QuantConfig, quantize
+from sd35_fp8.quant.decision import FP8, KEPT, PROTECTED, UNIT_SCALE
+from sd35_fp8.quant.linear import FP8Linear
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant.formats import dequantize_weight, quantize_weight, quantize_with_scale, relative_error
-from quant.requantize import fresh_scale, requantize
+from sd35_fp8.quant.formats import dequantize_weight, quantize_weight, quantize_with_scale, relative_error
+from sd35_fp8.quant.requantize import fresh_scale, requantize
 
 
 @pytest.mark.parametrize("scaling", ["per_channel", "per_tensor"])

@@ -12,16 +12,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from quant import QuantConfig
-from quant.checkpoint import (
+from sd35_fp8.quant import QuantConfig
+from sd35_fp8.quant.checkpoint import (
     UnsafeFileError,
     check_safetensors,
     inspect_file,
     refuse_pickle,
     save_quantized,
 )
-from quant.formats import dequantize_weight
-from quant.streaming import quantize_safetensors_stream, quantize_state_dict
+from sd35_fp8.quant.formats import dequantize_weight
+from sd35_fp8.quant.streaming import quantize_safetensors_stream, quantize_state_dict
 
 PREFIX = "model.diffusion_model."
 
@@ -84,7 +84,7 @@ def test_save_is_atomic_and_never_overwrites(fixture_files, tmp_path, monkeypatc
         save_quantized(target, sd, formats)
     assert target.read_bytes() == first
 
-    import quant.checkpoint as checkpoint
+    from sd35_fp8.quant import checkpoint as checkpoint
 
     def failing_save(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
@@ -219,7 +219,7 @@ def _packed_file(source, tmp_path, how: str):
 
 @pytest.mark.parametrize("how", ["header", "comfy_quant", "undeclared"])
 def test_packed_quantized_layers_are_refused_naming_layer_and_format(tmp_path, fixture_files, how):
-    from quant.streaming import UnsupportedQuantFormat
+    from sd35_fp8.quant.streaming import UnsupportedQuantFormat
 
     path, layer, fmt = _packed_file(fixture_files["large_transformer"], tmp_path, how)
     named = re.escape(repr(fmt) if how != "undeclared" else fmt)
@@ -251,8 +251,8 @@ def test_declared_fp8_layers_and_their_entries_load(tmp_path, fixture_files):
 def test_stock_layout_rewrites_what_stock_comfyui_cannot_run_and_keeps_the_rest():
     """Per-channel and e5m2 layers become per-tensor e4m3 (no host ever computes e5m2 x e5m2 from our files);
     layers already per-tensor e4m3 keep their bits; every written layer is marked full-precision matmul."""
-    from quant.checkpoint import quantization_metadata, to_stock_layout
-    from quant.formats import quantize_weight
+    from sd35_fp8.quant.checkpoint import quantization_metadata, to_stock_layout
+    from sd35_fp8.quant.formats import quantize_weight
 
     torch.manual_seed(0)
     real = {name: torch.randn(32, 16) * 0.1 for name in ("native", "per_channel", "e5m2")}
