@@ -20,8 +20,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import quant.plan
 
+from sd35_fp8.quant import plan as engine_plan
 from sd35_fp8.quant.budget import Candidate, fit, group_factor, held_bytes
 from sd35_fp8.quant.config import QuantConfig
 from sd35_fp8.quant.decision import STORED_FP8
@@ -48,7 +48,7 @@ UNIT = 64 << 10
 def _each_tensor_quantized_once():
     """The points differ only in which layers stay 16-bit: each tensor's FP8 copy (and its error) is the same in
     all of them, so it is computed once (the math is deterministic; the drivers and the planner run as they are)."""
-    names = [(quant.plan, "quantize_weight_with_error"), (quant.plan, "quantize_unit_scale")]
+    names = [(engine_plan, "quantize_weight_with_error"), (engine_plan, "quantize_unit_scale")]
     saved = [getattr(module, name) for module, name in names]
     cache: dict = {}
 

@@ -18,12 +18,10 @@ otherwise upcast every 16-bit weight to float32.
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 import threading
 import time
-import types
 
 MODES = ("imports", "comfy_imports", "ours_stream", "ours_model", "comfy_fp16", "save_fp8", "read")
 
@@ -59,18 +57,6 @@ class AnonPeak:
         self.peak = max(self.peak, _status_kib("RssAnon") * 1024)
 
 
-def _pack_nodes():
-    """nodes.fp8_ops and nodes.fp8_tables imported as part of the pack (they use package-relative imports)."""
-    from bench.common import REPO
-
-    package = types.ModuleType("sd35_fp8_bench")
-    package.__path__ = [str(REPO)]
-    sys.modules["sd35_fp8_bench"] = package
-    importlib.import_module("sd35_fp8_bench.nodes.fp8_ops")
-    importlib.import_module("sd35_fp8_bench.nodes.fp8_tables")
-    return sys.modules["sd35_fp8_bench.nodes"]
-
-
 def main(argv: list[str]) -> dict:
     mode, path = argv[0], argv[1] if len(argv) > 1 else ""
     if mode not in MODES:
@@ -90,8 +76,9 @@ def main(argv: list[str]) -> dict:
         boot_host()
         import comfy.sd
 
-        pack = _pack_nodes()
-        ops = pack.fp8_ops.make_fp8_ops("weight_only")
+        from sd35_fp8.nodes import fp8_ops, fp8_tables
+
+        ops = fp8_ops.make_fp8_ops("weight_only")
     result: dict = {"mode": mode}
     rss_before = _status_kib("VmRSS") * 1024
     anon_before = _status_kib("RssAnon") * 1024
@@ -102,7 +89,7 @@ def main(argv: list[str]) -> dict:
         if mode == "ours_stream":
             result["bytes"] = nbytes(*sd.values())
         elif mode == "ours_model":
-            with pack.fp8_tables.fp8_tables_in_place(sd, ""):  # as the loader node does: pos_embed stays FP8
+            with fp8_tables.fp8_tables_in_place(sd, ""):  # as the loader node does: pos_embed stays FP8
                 model = comfy.sd.load_diffusion_model_state_dict(
                     sd, model_options={"custom_operations": ops, "dtype": torch.float16})
             del sd

@@ -48,7 +48,7 @@ EMULATED = {"pos_embed": "pos_embed", "x_embedder": "x_embedder.proj.weight"}
 MARGINAL = ("x_adaLN", "context_adaLN", "x_qkv", "context_qkv", "x_proj", "context_proj", "x_mlp", "context_mlp")
 FACTOR_GROUPS = ("embedders", "final_layer", *MARGINAL, "pos_embed")  # the memory budget's groups
 VARIANTS = {"sd35_medium": ("student_t", "gaussian"), "sd35_large": ("student_t",)}  # weight kinds measured
-FACTORS_FILE = REPO / "quant" / "sensitivity.json"
+FACTORS_FILE = REPO / "sd35_fp8" / "quant" / "sensitivity.json"
 
 
 def _members(names: list[str], globs: tuple[str, ...], depth: int) -> list[str]:

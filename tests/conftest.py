@@ -19,7 +19,7 @@ from tools import comfy_host, tiny_sd35
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache"
-PACK_NAME = "sd35_fp8"
+PACK_NAME = "comfyui-sd35-fp8"  # the folder `git clone` makes
 
 HOST = comfy_host.host_version()
 comfy_host.activate_overlay(CACHE, HOST)  # before anything imports the host's packages
@@ -75,14 +75,16 @@ def comfy_base(tmp_path_factory, fixture_files: dict) -> Path:
 def comfy_nodes(comfy_dir: Path, comfy_base: Path) -> dict:
     """Boot ComfyUI in this process and load all nodes; fails if our pack fails to import.
 
-    At the session's end: the engine was imported once, as the pack's own `quant` (tests reach it through the pack,
-    so their isinstance checks and module state are the ones ComfyUI runs). ComfyUI builds T5-XXL with the
+    At the session's end: the pack's code was imported once, as `sd35_fp8` from this checkout (tests and ComfyUI
+    share its modules, so isinstance checks and module state are the ones ComfyUI runs). ComfyUI builds T5-XXL with the
     fixture's smaller config (tiny_sd35.use_tiny_t5xxl)."""
     comfy_host.boot(comfy_dir, comfy_base)
     tiny_sd35.use_tiny_t5xxl()
     yield comfy_host.load_nodes(PACK_NAME)
-    second = sorted(name for name in sys.modules if name == "quant" or name.startswith("quant."))
-    assert not second, f"the engine was imported a second time, outside the pack: {second}"
+    assert Path(sys.modules["sd35_fp8"].__file__).resolve() == REPO / "sd35_fp8" / "__init__.py"
+    second = sorted(name for name in sys.modules if name.endswith((".quant.formats", ".nodes.fp8_ops"))
+                    and not name.startswith("sd35_fp8."))
+    assert not second, f"the pack's code was imported a second time, under another name: {second}"
 
 
 @pytest.fixture(scope="session")

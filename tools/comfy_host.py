@@ -158,7 +158,7 @@ def _unpack_tarball(version: str, dest: Path) -> None:
     unpack.rmdir()
 
 
-def make_base_dir(base_dir: str | Path, pack_dir: str | Path, pack_name: str = "sd35_fp8") -> Path:
+def make_base_dir(base_dir: str | Path, pack_dir: str | Path, pack_name: str = "comfyui-sd35-fp8") -> Path:
     """A ComfyUI base folder: models/, input/, output/, user/, and this pack linked into custom_nodes/."""
     base = Path(base_dir)
     for sub in ("models/checkpoints", "models/diffusion_models", "models/loras", "models/vae", "models/text_encoders",
@@ -185,7 +185,7 @@ class CustomNodeImportError(RuntimeError):
     pass
 
 
-def load_nodes(pack_name: str = "sd35_fp8") -> dict:
+def load_nodes(pack_name: str = "comfyui-sd35-fp8") -> dict:
     """Load built-in and custom nodes; raise if our pack failed to import (ComfyUI only logs a custom node's import
     failure and goes on, so this turns the log line into an exception)."""
     import nodes

@@ -104,10 +104,9 @@ class SD35FP8Sampler(PackNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, preset, steps, cfg, sampler_name, scheduler,
                 shift, denoise, skip_layers="", skip_scale=3.0, skip_start=0.01, skip_end=0.15) -> io.NodeOutput:
+        import nodes
         from comfy_extras.nodes_model_advanced import ModelSamplingSD3
         from comfy_extras.nodes_sd3 import SkipLayerGuidanceSD3
-
-        import nodes
 
         check_choice("preset", preset, ["custom", *SAMPLER_PRESETS])
         settings = {"steps": steps, "cfg": cfg, "sampler_name": sampler_name, "scheduler": scheduler, "shift": shift,

@@ -90,7 +90,7 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m quant", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sd35_fp8.quant", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="quantize a .safetensors checkpoint to FP8")
     conv.add_argument("input")

@@ -50,10 +50,10 @@ def test_pack_import_failure_fails_the_harness(tmp_path, comfy_dir):
     (broken / "__init__.py").write_text("raise ImportError('deliberately broken')\n")
     script = textwrap.dedent(f"""
         from tools import comfy_host
-        base = comfy_host.make_base_dir({str(tmp_path / 'base')!r}, {str(broken)!r}, 'sd35_fp8')
+        base = comfy_host.make_base_dir({str(tmp_path / 'base')!r}, {str(broken)!r}, 'comfyui-sd35-fp8')
         comfy_host.boot({str(comfy_dir)!r}, base)
         try:
-            comfy_host.load_nodes('sd35_fp8')
+            comfy_host.load_nodes('comfyui-sd35-fp8')
         except comfy_host.CustomNodeImportError as e:
             print('CAUGHT', 'deliberately broken' in str(e))
         else:
@@ -75,15 +75,15 @@ def test_http_server_starts_and_lists_our_nodes(tmp_path, comfy_dir, comfy_base)
         ckpt_names = combo_options(info["SD35FP8CheckpointLoader"]["input"]["required"]["ckpt_name"])
         assert "tiny_sd35_large.safetensors" in ckpt_names
         # V3 nodes; the frontend extension and a help page per node are served from web/
-        assert all(info[node_id].get("python_module", "").endswith("sd35_fp8") for node_id in CONTRACT_IDS)
+        assert all(info[node_id].get("python_module", "").endswith("comfyui-sd35-fp8") for node_id in CONTRACT_IDS)
         with urllib.request.urlopen(server.url + "/extensions", timeout=30) as r:
-            assert "/extensions/sd35_fp8/sd35_fp8.js" in json.loads(r.read())
+            assert "/extensions/comfyui-sd35-fp8/sd35_fp8.js" in json.loads(r.read())
         for node_id in sorted(CONTRACT_IDS):
-            with urllib.request.urlopen(f"{server.url}/extensions/sd35_fp8/docs/{node_id}.md", timeout=30) as r:
+            with urllib.request.urlopen(f"{server.url}/extensions/comfyui-sd35-fp8/docs/{node_id}.md", timeout=30) as r:
                 page = r.read().decode()
             assert page.startswith(f"# {info[node_id]['display_name']}\n") and "## Inputs" in page, node_id
         failed = [line for line in server.log_text().splitlines() if "IMPORT FAILED" in line or "Cannot import" in line]
-        assert not [line for line in failed if "sd35_fp8" in line], failed
+        assert not [line for line in failed if "comfyui-sd35-fp8" in line], failed
     finally:
         server.stop()
     assert server.proc.poll() is not None

@@ -9,6 +9,7 @@ file; existing files are never overwritten. Pickle files are refused unread.
 from __future__ import annotations
 
 import errno
+import importlib
 import itertools
 import json
 import os
@@ -52,8 +53,8 @@ def assert_serving(runner, fixture_files) -> None:
 
 
 def pack_module(suffix: str):
-    """One of our modules as ComfyUI imported it (its name is the pack's full path plus the suffix)."""
-    return sys.modules[next(n for n in sys.modules if n.endswith(f"/sd35_fp8.{suffix}"))]
+    """One of our modules, as ComfyUI runs it (the pack is imported once, as `sd35_fp8`)."""
+    return importlib.import_module(f"sd35_fp8.{suffix}")
 
 
 def exact_bits(model) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""quant/'s modules import one another one way (a DAG), and none hides an import of a quant module inside a function
+"""sd35_fp8.quant's modules import one another one way (a DAG), and none hides an import of a quant module inside a function
 (the way an import loop is dodged). optimum-quanto, an optional dependency, may be imported inside a function.
 docs/ARCHITECTURE.md names every file of quant/, nodes/ and tools/ in its folder's table."""
 
@@ -8,17 +8,17 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-QUANT = REPO / "quant"
+QUANT = REPO / "sd35_fp8" / "quant"
 
 
 def _quant_imports(node: ast.AST) -> set[str]:
     """The quant modules an import statement names (relative imports inside quant/)."""
     if isinstance(node, ast.ImportFrom) and node.level == 1:
         return {node.module} if node.module else {alias.name for alias in node.names}
-    if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("quant."):
-        return {node.module.split(".")[1]}
+    if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sd35_fp8.quant."):
+        return {node.module.split(".")[2]}
     if isinstance(node, ast.Import):
-        return {a.name.split(".")[1] for a in node.names if a.name.startswith("quant.")}
+        return {a.name.split(".")[2] for a in node.names if a.name.startswith("sd35_fp8.quant.")}
     return set()
 
 
@@ -68,9 +68,8 @@ def test_the_cycle_finder_finds_a_cycle_and_a_hidden_import():
 
 def test_architecture_names_every_file_of_quant_nodes_and_tools():
     doc = (REPO / "docs" / "ARCHITECTURE.md").read_text()
-    for folder in ("quant", "nodes", "tools"):
+    for folder in ("sd35_fp8/quant", "sd35_fp8/nodes", "tools"):
         section = doc.split(f"## {folder}/ file by file")[1].split("\n## ")[0]
         named = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
         files = {p.name for p in (REPO / folder).iterdir() if p.suffix in (".py", ".json")}
-        files.discard("pytest_repo_root.py")  # goes when the engine moves into one package (issue 24)
         assert files <= named, f"docs/ARCHITECTURE.md does not name {sorted(files - named)} of {folder}/"

@@ -1,0 +1,44 @@
+"""`pip install .` works and installs the pack as the one package `sd35_fp8` (engine, nodes, the planner's data),
+whose CLI then runs from any folder."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_wheel_holds_the_package_and_its_cli_runs_from_anywhere(tmp_path):
+    source = tmp_path / "source"  # setuptools writes build/ beside pyproject.toml: build a copy, not the checkout
+    shutil.copytree(REPO / "sd35_fp8", source / "sd35_fp8", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"),
+                            str(source)], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("comfyui_sd35_fp8-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"sd35_fp8/__init__.py", "sd35_fp8/quant/cli.py", "sd35_fp8/quant/sensitivity.json",
+            "sd35_fp8/nodes/loaders.py"} <= names
+    assert not [n for n in names if n.split("/")[0] in ("tests", "bench", "tools", "quant", "nodes")], names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "sd35-fp8 = sd35_fp8.quant.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+    site = tmp_path / "site"
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
+                                str(wheel)], capture_output=True, text=True, timeout=600)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cli = subprocess.run([sys.executable, "-m", "sd35_fp8.quant", "--help"], cwd=elsewhere, capture_output=True,
+                         text=True, timeout=300, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert "convert" in cli.stdout and "inspect" in cli.stdout
+    found = subprocess.run([sys.executable, "-c", "import sd35_fp8.quant.budget as b; print(b.__file__)"],
+                           cwd=elsewhere, capture_output=True, text=True, timeout=300,
+                           env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+    assert found.stdout.strip().startswith(str(site)), found.stderr[-2000:]
