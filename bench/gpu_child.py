@@ -21,7 +21,6 @@ import json
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -33,15 +32,10 @@ MIB = 1024**2
 
 
 def _pack():
-    """The pack's nodes imported as a package (they use package-relative imports)."""
-    from bench.common import REPO
-
-    package = types.ModuleType("sd35_fp8_gpu")
-    package.__path__ = [str(REPO)]
-    sys.modules["sd35_fp8_gpu"] = package
-    importlib.import_module("sd35_fp8_gpu.nodes.loaders")
-    importlib.import_module("sd35_fp8_gpu.nodes.save")
-    return sys.modules["sd35_fp8_gpu.nodes"]
+    """The pack's nodes (sd35_fp8.nodes; they import comfy, so only after the host booted)."""
+    importlib.import_module("sd35_fp8.nodes.loaders")
+    importlib.import_module("sd35_fp8.nodes.save")
+    return sys.modules["sd35_fp8.nodes"]
 
 
 def load(mode: str, path: Path):

@@ -2,10 +2,10 @@
 per-channel), and when the preset's model keeps one more group 16-bit.
 
 This is the data the presets are chosen from (a group belongs in the 16-bit protected set when its error
-is large for the memory it would save) and the memory budget's per-group factors (`factors`, written to
-quant/sensitivity.json by `python -m bench.sensitivity`). For each group: relative output error vs fp32 (reduced
-depth, full width, 4 samples at timesteps 900..100), its share of the full-size model's 16-bit bytes, and error per
-percent of the model saved (`err_per_pct_saved`). `pos_embed` and the x_embedder Conv2d are not Linear
+is large for the memory it would save) and the memory budget's per-group factors (`factors`, written
+to sd35_fp8/quant/sensitivity.json by `python -m bench.sensitivity`). For each group: relative output error
+vs fp32 (reduced depth, full width, 4 samples at timesteps 900..100), its share of the full-size model's
+16-bit bytes, and error per percent of the model saved (`err_per_pct_saved`). `pos_embed` and the x_embedder Conv2d are not Linear
 layers: pos_embed is replaced by the FP8 table (scale 1.0) the default preset stores; the Conv2d's FP8 error
 is emulated by replacing its weight with its per-channel FP8 round trip.
 """
@@ -148,7 +148,8 @@ def run(quick: bool) -> dict:
 
 
 def write_factors(results: Path = RESULTS / "latest.json") -> Path:
-    """quant/sensitivity.json from the sensitivity section of `results` (what the memory budget's planner reads)."""
+    """sd35_fp8/quant/sensitivity.json from the sensitivity section of `results` (what the memory budget's
+    planner reads)."""
     data = json.loads(results.read_text())
     s = data["sensitivity"]
     if missing := [v for v in VARIANTS if v not in s]:  # a quick run measures Medium only

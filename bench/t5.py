@@ -2,7 +2,7 @@
 `fp8_e4m3fn` cast.
 
 Bytes: ComfyUI's own T5 class at full size (its `t5_config_xxl.json`) on the meta device, planned by the pack's
-text-encoder policy (quant/plan.py, what the loaders and Quantize Text Encoders do). Output error of the encoder
+text-encoder policy (sd35_fp8.quant.plan, what the loaders and Quantize Text Encoders do). Output error of the encoder
 vs fp32: full width (4096, 64 heads, d_ff 10240), reduced depth, on prompts tokenized by ComfyUI's T5 tokenizer;
 random weights of each kind (bench/weights.py) at T5's own initialisation scale (tiny_sd35.t5xxl_init_scale_:
 the query also 1/sqrt(d_kv), the token table std 1). `ours_fp8_embedding`: ours with the token table in FP8 too

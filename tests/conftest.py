@@ -120,7 +120,7 @@ def tiny_lora(comfy_base, fixture_files) -> str:
     """A LoRA for the tiny Large fixture: diffusers keys on the fused qkv (sliced patches) and a native key.
 
     Its update is ~20% of the weights' size, like real LoRAs; it widens many rows' range, so re-quantizing with
-    the old scale would clip it (FP8 layers take a fresh scale under a LoRA, nodes/fp8_ops.py)."""
+    the old scale would clip it (FP8 layers take a fresh scale under a LoRA, sd35_fp8/nodes/fp8_ops.py)."""
     layers = {f"transformer.transformer_blocks.0.attn.{proj}": "attn"
               for proj in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
     for block in (0, 1):

@@ -1,4 +1,4 @@
-"""python -m quant convert IN OUT [options] | python -m quant inspect FILE
+"""python -m sd35_fp8.quant convert IN OUT [options] | python -m sd35_fp8.quant inspect FILE
 
 For people who prepare FP8 files outside ComfyUI. The output is ComfyUI's native quantized
 layout: stock ComfyUI's Load Diffusion Model / Load Checkpoint read it, and so do our loaders.

@@ -1,7 +1,7 @@
 """The `quanto` backend: optimum-quanto qfloat8 weights on the layers the plan marks FP8.
 
 The reference implementation: the benchmark and tests measure it side by side with ours, and
-`python -m quant convert --backend quanto` offers it to people on the seed's stack (optional extra `[quanto]`;
+`python -m sd35_fp8.quant convert --backend quanto` offers it to people on the seed's stack (optional extra `[quanto]`;
 the nodes never import it). quanto stores per-output-channel float8 weights with absmax scales: on a module
 they become quanto's QLinear (forward dequantizes), in a file our layout (FP8 weight + float32 scale).
 """

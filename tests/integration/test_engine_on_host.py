@@ -59,7 +59,7 @@ def test_legacy_scaled_fp8_file_loads_through_our_loader(runner, comfy_base, fix
 
 
 def test_cli_converted_checkpoint_loads_with_stock_checkpoint_loader(runner, comfy_base, fixture_files, tmp_path):
-    """`python -m quant convert` on an all-in-one file: stock CheckpointLoaderSimple reads its FP8 layers."""
+    """`python -m sd35_fp8.quant convert` on an all-in-one file: stock CheckpointLoaderSimple reads its FP8 layers."""
     import subprocess
     import sys
 

@@ -1,4 +1,4 @@
-"""python -m quant convert / inspect end to end on a fixture."""
+"""python -m sd35_fp8.quant convert / inspect end to end on a fixture."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""sd35_fp8.quant's modules import one another one way (a DAG), and none hides an import of a quant module inside a function
+"""The engine's modules import one another one way (a DAG), and none hides an import of a quant module inside a function
 (the way an import loop is dodged). optimum-quanto, an optional dependency, may be imported inside a function.
-docs/ARCHITECTURE.md names every file of quant/, nodes/ and tools/ in its folder's table."""
+docs/ARCHITECTURE.md names every file of sd35_fp8/quant/, sd35_fp8/nodes/ and tools/ in its folder's table."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ QUANT = REPO / "sd35_fp8" / "quant"
 
 
 def _quant_imports(node: ast.AST) -> set[str]:
-    """The quant modules an import statement names (relative imports inside quant/)."""
+    """The quant modules an import statement names (relative imports inside sd35_fp8/quant/)."""
     if isinstance(node, ast.ImportFrom) and node.level == 1:
         return {node.module} if node.module else {alias.name for alias in node.names}
     if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sd35_fp8.quant."):
@@ -54,7 +54,7 @@ def test_quant_modules_form_a_dag_without_hidden_imports():
     graph, hidden = _graph()
     assert {"plan", "engine", "decision", "report", "budget", "streaming"} <= set(graph)
     assert graph["decision"] == set() and "plan" not in graph["budget"] and "budget" not in graph["report"]
-    assert _cycle(graph) is None, f"import cycle in quant/: {' -> '.join(_cycle(graph))}"
+    assert _cycle(graph) is None, f"import cycle in sd35_fp8/quant/: {' -> '.join(_cycle(graph))}"
     assert not hidden, f"imports of quant modules inside functions: {hidden}"
 
 
