@@ -5,9 +5,9 @@ This is the data the presets are chosen from (a group belongs in the 16-bit prot
 is large for the memory it would save) and the memory budget's per-group factors (`factors`, written
 to sd35_fp8/quant/sensitivity.json by `python -m bench.sensitivity`). For each group: relative output error
 vs fp32 (reduced depth, full width, 4 samples at timesteps 900..100), its share of the full-size model's
-16-bit bytes, and error per percent of the model saved (`err_per_pct_saved`). `pos_embed` and the x_embedder Conv2d are not Linear
-layers: pos_embed is replaced by the FP8 table (scale 1.0) the default preset stores; the Conv2d's FP8 error
-is emulated by replacing its weight with its per-channel FP8 round trip.
+16-bit bytes, and error per percent of the model saved (`err_per_pct_saved`). `pos_embed` and the x_embedder
+Conv2d are not Linear layers: pos_embed is replaced by the FP8 table (scale 1.0) the default preset stores; the
+Conv2d's FP8 error is emulated by replacing its weight with its per-channel FP8 round trip.
 """
 
 from __future__ import annotations
