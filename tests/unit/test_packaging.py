@@ -42,3 +42,37 @@ def test_wheel_holds_the_package_and_its_cli_runs_from_anywhere(tmp_path):
                            cwd=elsewhere, capture_output=True, text=True, timeout=300,
                            env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
     assert found.stdout.strip().startswith(str(site)), found.stderr[-2000:]
+
+
+def _import_entry(prelude: str = "") -> subprocess.CompletedProcess:
+    """Import the repo's root __init__.py as ComfyUI does (a package named after the folder's path), in a fresh
+    interpreter; print where `sd35_fp8` came from and whether ComfyUI got imported."""
+    script = prelude + f"""
+import importlib.util, inspect, sys
+spec = importlib.util.spec_from_file_location("/custom_nodes/comfyui-sd35-fp8", {str(REPO / "__init__.py")!r},
+                                              submodule_search_locations=[{str(REPO)!r}])
+entry = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = entry
+spec.loader.exec_module(entry)
+print(sys.modules["sd35_fp8"].__file__)
+print("comfy" in sys.modules, inspect.iscoroutinefunction(entry.comfy_entrypoint), entry.WEB_DIRECTORY)
+"""
+    return subprocess.run([sys.executable, "-c", script], cwd="/", capture_output=True, text=True, timeout=300)
+
+
+def test_comfyui_entry_registers_the_package_once_and_imports_comfy_only_when_asked():
+    done = _import_entry()
+    assert done.returncode == 0, done.stderr[-3000:]
+    where, flags = done.stdout.splitlines()
+    assert where == str(REPO / "sd35_fp8" / "__init__.py")
+    assert flags == "False True ./web"
+
+
+def test_comfyui_entry_refuses_a_second_copy_of_the_package(tmp_path):
+    other = tmp_path / "sd35_fp8"
+    other.mkdir()
+    (other / "__init__.py").write_text("")
+    done = _import_entry(f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import sd35_fp8\n")
+    assert done.returncode != 0
+    assert "ImportError: another 'sd35_fp8' is already imported from " + str(other) in done.stderr
+    assert str(REPO / "sd35_fp8") in done.stderr
