@@ -40,11 +40,11 @@ from pathlib import Path
 
 import torch
 
-from quant.checkpoint import QUANT_METADATA_KEY, quantization_metadata
-from quant.config import QuantConfig
-from quant.formats import dequantize_weight, fp8_max, quantize_weight, quantize_with_scale
-from quant.report import nbytes
-from quant.streaming import quantize_state_dict
+from sd35_fp8.quant.checkpoint import QUANT_METADATA_KEY, quantization_metadata
+from sd35_fp8.quant.config import QuantConfig
+from sd35_fp8.quant.formats import dequantize_weight, fp8_max, quantize_weight, quantize_with_scale
+from sd35_fp8.quant.report import nbytes
+from sd35_fp8.quant.streaming import quantize_state_dict
 from tools import tiny_sd35
 
 from . import models
@@ -55,12 +55,8 @@ MIB = 1024**2
 
 
 def _pack():
-    """The pack's nodes (package-relative imports), as bench.load_child imports them."""
-    from .load_child import _pack_nodes
-
-    _pack_nodes()
-    importlib.import_module("sd35_fp8_bench.nodes.save")
-    return types.SimpleNamespace(**{m: importlib.import_module(f"sd35_fp8_bench.nodes.{m}")
+    """The pack's nodes (sd35_fp8.nodes: they import comfy, so only after the host booted)."""
+    return types.SimpleNamespace(**{m: importlib.import_module(f"sd35_fp8.nodes.{m}")
                                     for m in ("fp8_ops", "fp8_tables", "save")})
 
 
