@@ -87,8 +87,17 @@ def _quantize_file(path: str, header: dict, model_prefix: str, settings: dict, m
     shapes, dtypes = header_shapes_dtypes(header)
     dtype, config = _config(settings, memory_budget, dtypes, shapes, model_prefix)
     sd, _, report = quantize_safetensors_stream(path, config, header=header, model_prefix=model_prefix,
-                                                progress=progress_callback(), budget_itemsize=dtype.itemsize, **stream)
+                                                progress=progress_callback(), budget_itemsize=dtype.itemsize,
+                                                device=quantize_device(shapes, model_prefix), **stream)
     return sd, report, dtype
+
+
+def quantize_device(shapes: Mapping[str, tuple[int, ...]], model_prefix: str) -> torch.device:
+    """Where the diffusion model is quantized: the device ComfyUI will build it on (`unet_inital_load_device`,
+    asked at FP8 size). A GPU there gets the 16-bit tensors as they are read and quantizes them itself, instead of
+    waiting for the CPU's quantizer; otherwise (a small card, --lowvram, --cpu) the CPU quantizes as before."""
+    params = sum(math.prod(shape) for key, shape in shapes.items() if key.startswith(model_prefix))
+    return comfy.model_management.unet_inital_load_device(params, torch.float8_e4m3fn)
 
 
 def _config(settings: dict, memory_budget: str, dtypes, shapes, model_prefix: str) -> tuple[torch.dtype, QuantConfig]:

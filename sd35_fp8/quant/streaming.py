@@ -118,10 +118,14 @@ def _state_dict(results: Mapping[str, Stored]) -> tuple[dict[str, torch.Tensor],
 def quantize_safetensors_stream(path: str | os.PathLike, config: QuantConfig, *, header: dict | None = None,
                                 model_prefix: str = "", text_encoders: str | None = None,
                                 progress: Progress | None = None, hint: str = "", budget_itemsize: int | None = None,
+                                device: torch.device | str | None = None,
                                 ) -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
     """Read `path` tensor by tensor and quantize the diffusion model's Linear weights (and, if asked, the
     text encoders'). Returns (state dict, {layer: format} for the FP8 layers of the model, Report).
-    `budget_itemsize`: bytes per element of the 16-bit tensors as the host will hold them, for a memory budget."""
+    `budget_itemsize`: bytes per element of the 16-bit tensors as the host will hold them, for a memory budget.
+    `device`: where the diffusion model's tensors (those under `model_prefix`) go as they are read, to be quantized
+    and kept there (a GPU the model is headed to quantizes at the speed of the copy, not at the CPU's speed); text
+    encoders, the VAE and non-float entries stay on the CPU. Default: the CPU."""
     header = check_safetensors(path) if header is None else header  # `header`: already checked by the caller
     metadata = header.get("__metadata__", {}) or {}
     shapes, dtypes = header_shapes_dtypes(header)
@@ -130,8 +134,21 @@ def quantize_safetensors_stream(path: str | os.PathLike, config: QuantConfig, *,
     keys = sorted(shapes, key=lambda k: header[k]["data_offsets"][0])  # file order: sequential reads
     with open(path, "rb") as f:
         reader = _TensorReader(f, header, str(path))
-        return _quantize_all(_Source(keys, shapes, dtypes, reader.map, reader.read, reader.keep, metadata), config,
+        take, peek = reader.map, reader.read
+        if device is not None:  # on the CPU `.to` hands back the mapped tensor itself: the same path as without
+            device = torch.device(device)
+            take, peek = _moved(take, device, model_prefix), _moved(peek, device, model_prefix)
+        return _quantize_all(_Source(keys, shapes, dtypes, take, peek, reader.keep, metadata), config,
                              model_prefix, text_encoders, progress, hint, budget_itemsize)
+
+
+def _moved(read: Callable[[str], torch.Tensor], device: torch.device, prefix: str) -> Callable[[str], torch.Tensor]:
+    """`read`, with the floating-point tensors under `prefix` copied to `device` as they are read."""
+    def read_to_device(key: str) -> torch.Tensor:
+        tensor = read(key)
+        return tensor.to(device) if key.startswith(prefix) and tensor.is_floating_point() else tensor
+
+    return read_to_device
 
 
 class _TensorReader:

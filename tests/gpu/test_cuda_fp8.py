@@ -60,3 +60,30 @@ def test_auto_times_both_paths_on_this_device(monkeypatch):
     choice = auto_compute("cuda", torch.bfloat16, 6144, 1536)
     monkeypatch.setattr(linear, "time_paths", lambda *a: pytest.fail("timed twice"))
     assert auto_compute("cuda", torch.bfloat16, 6144, 1536) == choice in ("fp8_matmul", "weight_only")
+
+
+def test_stream_quantizing_onto_the_gpu_equals_the_cpu_bit_for_bit(tmp_path):
+    """The loaders quantize on the GPU a model is headed to (`loaders.quantize_device`): the same bits and report as
+    the CPU's quantizer, the model's tensors left on the GPU, everything else on the CPU."""
+    from safetensors.torch import save_file
+
+    from sd35_fp8.quant.streaming import quantize_safetensors_stream
+    from tools.tiny_sd35 import build_mmdit
+
+    model = build_mmdit("medium", device="cpu", dtype=torch.bfloat16).eval()
+    gen = torch.Generator().manual_seed(0)
+    sd = {f"model.diffusion_model.{k}": (torch.randn(v.shape, generator=gen) * 0.02).to(v.dtype)
+          for k, v in model.state_dict().items()}
+    sd["first_stage_model.decoder.conv_in.weight"] = torch.randn(8, 16, 3, 3, generator=gen).half()
+    path = tmp_path / "tiny.safetensors"
+    save_file(sd, str(path))
+    prefix = "model.diffusion_model."
+    cpu, formats_c, report_c = quantize_safetensors_stream(path, QuantConfig(), model_prefix=prefix)
+    gpu, formats_g, report_g = quantize_safetensors_stream(path, QuantConfig(), model_prefix=prefix, device="cuda")
+    assert cpu.keys() == gpu.keys() and formats_c == formats_g and formats_c
+    for key, tensor in gpu.items():
+        assert tensor.device.type == ("cuda" if key.startswith(prefix) else "cpu"), key
+        expected = cpu[key]
+        assert tensor.dtype == expected.dtype and torch.equal(tensor.cpu().view(torch.uint8),
+                                                              expected.view(torch.uint8)), key
+    assert [r.name for r in report_g.layers] == [r.name for r in report_c.layers]

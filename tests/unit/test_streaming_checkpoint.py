@@ -51,6 +51,19 @@ def test_streaming_equals_in_memory_bit_for_bit(fixture_files, scaling):
     assert report_s.rule.startswith("auto: detected sd35_medium")
 
 
+def test_streaming_through_a_device_reader_equals_the_plain_stream(fixture_files):
+    """`device=` (the loaders pass the device ComfyUI builds the model on) routes the model's float tensors through
+    `.to(device)`, budget re-reads and the table included; on the CPU that is the same tensor, so the results must
+    be bit-identical (tests/gpu checks a CUDA device against this)."""
+    path = fixture_files["medium_all_in_one"]
+    config = QuantConfig(memory_budget=6_800_000)
+    plain, formats_p, report_p = quantize_safetensors_stream(path, config, model_prefix=PREFIX, text_encoders="all")
+    routed, formats_r, report_r = quantize_safetensors_stream(path, config, model_prefix=PREFIX, text_encoders="all",
+                                                              device="cpu")
+    assert _same(plain, routed) and formats_p == formats_r and report_p.to_dict() == report_r.to_dict()
+    assert report_r.budget["kept_16bit"] or report_r.budget["demoted"]  # the budget re-read layers through the reader
+
+
 def test_streaming_progress_and_text_encoder_default(fixture_files):
     calls = []
     sd, _, report = quantize_safetensors_stream(fixture_files["large_all_in_one"], QuantConfig(),
