@@ -8,7 +8,7 @@ ComfyUI's conventions:
   so loading never fills a 16-bit copy of a layer that arrives in FP8;
 - `convert_weight` / `set_weight` are the hooks ModelPatcher uses for LoRA on scaled weights:
   patches are applied to the dequantized weight, which is re-quantized with a fresh absmax scale
-  (`quant.requantize`; the old scale would clip what the LoRA adds, as stock 0.8.0's mixed-precision
+  (`quant.formats.requantize`; the old scale would clip what the LoRA adds, as stock 0.8.0's mixed-precision
   ops avoid too). The new scale travels with the weight: it is an attribute of the new Parameter
   (`host_fp8.OWN_SCALE`), and `weight_scale` always belongs to the unpatched weight. ModelPatcher backs
   up and restores the weight alone (the original Parameter, or a new one around its copy), and a
@@ -33,10 +33,9 @@ import comfy.model_patcher
 import comfy.ops
 import torch
 
-from ..quant.formats import FP8_DTYPES, dequantize_weight, format_name, is_fp8, quantize_with_scale
+from ..quant.formats import FP8_DTYPES, dequantize_weight, format_name, is_fp8, quantize_with_scale, requantize
 from ..quant.hardware import resolve_compute
 from ..quant.linear import FP8LinearMixin
-from ..quant.requantize import requantize
 from .host_fp8 import OWN_SCALE, scale_of
 
 FLOAT8_DTYPES = frozenset(FP8_DTYPES.values())

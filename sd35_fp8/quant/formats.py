@@ -156,6 +156,28 @@ def quantize_with_scale(weight: torch.Tensor, scale: torch.Tensor, fmt: str = "f
     return _quantize_chunks(weight, scale, dtype, fp8_max(dtype))[0]
 
 
+@torch.no_grad()
+def fresh_scale(weight: torch.Tensor, old_scale: torch.Tensor, fmt: str = "float8_e4m3fn") -> torch.Tensor:
+    """The absmax scale of a patched (LoRA-merged) real-valued `weight`, shaped like the FP8 layer's `old_scale` (per
+    row if that is [out, 1], else one value). Re-quantizing with the old scale would clip every value a patch pushes
+    past the old range; a row (or tensor) whose range the patch left exactly as it was keeps its old scale, so an
+    untouched row, and a patch of strength 0, keep their exact bits."""
+    per_row = old_scale.dim() == 2 and weight.dim() == 2 and old_scale.shape[0] == weight.shape[0] > 1
+    absmax = _absmax(weight, 1 if per_row else None)
+    if not bool(torch.isfinite(absmax).all()):
+        raise ValueError("a patched (LoRA) weight holds NaN/Inf values; check the LoRA file and its strength")
+    limit = fp8_max(fmt)
+    old = old_scale.to(device=weight.device, dtype=torch.float32).reshape(absmax.shape)
+    return torch.where(absmax == old * limit, old, _scale_from_absmax(absmax, limit)).reshape(old_scale.shape)
+
+
+def requantize(weight: torch.Tensor, old_scale: torch.Tensor,
+               fmt: str = "float8_e4m3fn") -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 weight, float32 scale) of a patched real-valued weight, with `fresh_scale`, rounded to nearest."""
+    scale = fresh_scale(weight, old_scale, fmt)
+    return quantize_with_scale(weight, scale, fmt), scale
+
+
 def quantize_weight(weight: torch.Tensor, fmt: str = "float8_e4m3fn", scaling: str = "per_channel",
                     name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a float weight to (fp8 tensor, float32 scale).

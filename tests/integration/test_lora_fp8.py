@@ -219,7 +219,6 @@ def test_requantization_variants_table(models, pack, monkeypatch):
     the old scale (before), a fresh scale (now), and a fresh scale with seeded stochastic rounding."""
     fp8_ops = importlib.import_module("sd35_fp8.nodes.fp8_ops")
     formats = importlib.import_module("sd35_fp8.quant.formats")
-    requantize = importlib.import_module("sd35_fp8.quant.requantize")
     fresh = fp8_ops.requantized_weight
 
     def old(weight, old_scale, dtype):
@@ -227,7 +226,7 @@ def test_requantization_variants_table(models, pack, monkeypatch):
                                   requires_grad=False)
 
     def stochastic(weight, old_scale, dtype):
-        scale = requantize.fresh_scale(weight, old_scale, formats.format_name(dtype))
+        scale = formats.fresh_scale(weight, old_scale, formats.format_name(dtype))
         gen = torch.Generator(device=weight.device).manual_seed(int(weight.numel()) + weight.shape[0])
         new = torch.nn.Parameter(stochastic_fp8(weight.float() / scale, dtype, gen), requires_grad=False)
         new.fp8_scale = scale

@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd35_fp8.quant.formats import dequantize_weight, quantize_weight, quantize_with_scale, relative_error
-from sd35_fp8.quant.requantize import fresh_scale, requantize
+from sd35_fp8.quant.formats import (
+    dequantize_weight,
+    fresh_scale,
+    quantize_weight,
+    quantize_with_scale,
+    relative_error,
+    requantize,
+)
 
 
 @pytest.mark.parametrize("scaling", ["per_channel", "per_tensor"])
