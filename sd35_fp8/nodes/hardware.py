@@ -48,8 +48,9 @@ class SD35FP8HardwareInfo(PackNode):
 
     @classmethod
     def execute(cls, device="auto") -> io.NodeOutput:
-        if device.strip() == "auto":
+        device = device.strip()
+        if device == "auto":
             device = str(comfy.model_management.get_torch_device())
-        cap = probe_device(device.strip())
-        auto = auto_compute(device.strip(), torch.float16, *COMMON_LINEAR) if cap.fp8_matmul else "weight_only"
+        cap = probe_device(device)
+        auto = auto_compute(device, torch.float16, *COMMON_LINEAR)  # weight_only where cap has no FP8 matmul
         return io.NodeOutput(cap.to_text(), cap.fp8_matmul, auto, int(cap.memory_mb))

@@ -44,7 +44,7 @@ def fp8_weight(module: torch.nn.Module, name: str = "", weight: torch.Tensor | N
     """(float8 data, float32 scale) of `module`'s weight (or of `weight`, read for that module) when it is FP8
     in any of the forms above; None when it is a plain 16/32-bit weight."""
     weight = module.weight if weight is None else weight
-    own = getattr(weight, OWN_SCALE, None)
+    scale = scale_of(weight, getattr(module, "weight_scale", None))  # read off the Parameter, before `.data`
     if isinstance(weight, torch.nn.Parameter):
         weight = weight.data
     layout = _layout_name(weight)
@@ -59,7 +59,6 @@ def fp8_weight(module: torch.nn.Module, name: str = "", weight: torch.Tensor | N
         return weight._qdata, scale.detach().float()
     if not is_fp8(weight):
         return None
-    scale = own if own is not None else getattr(module, "weight_scale", None)
     if scale is None:
         scale = getattr(module, "scale_weight", None)  # ComfyUI's legacy scaled_fp8 ops
     if scale is None:

@@ -173,10 +173,8 @@ class FP8LinearMixin:
         resolved = self.__dict__.setdefault("_resolved_compute", {})
         key = (str(device), dtype)
         if key not in resolved:
-            mode = resolve_compute(self.compute, device)
-            if self.compute == "auto" and mode == "fp8_matmul":
-                mode = auto_compute(device, dtype, *self.weight.shape)
-            resolved[key] = mode
+            resolved[key] = auto_compute(device, dtype, *self.weight.shape) if self.compute == "auto" else \
+                resolve_compute(self.compute, device)
         return resolved[key]
 
     def fp8_forward(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
