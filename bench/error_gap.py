@@ -49,6 +49,7 @@ from tools import tiny_sd35
 
 from . import models
 from .common import boot_host, log, rel_err, setup_torch
+from .gpu import random_state_dict
 
 VARIANT = "sd35_medium"
 MIB = 1024**2
@@ -80,20 +81,7 @@ def source(depth: int, seed: int, weights: str) -> dict[str, torch.Tensor]:
     if weights != "gpu":
         model = models.reference(VARIANT, depth, weights, seed)
         return {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
-    model = models.meta_model(VARIANT, depth, torch.bfloat16).to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name, tensor in model.state_dict().items():
-        if name.endswith(".bias"):
-            tensor.zero_()
-        elif name == "pos_embed":
-            tensor.copy_(tiny_sd35.sincos_pos_embed(tuple(tensor.shape)))
-        elif tensor.dim() == 1:
-            tensor.fill_(1.0)
-        else:
-            tensor.normal_(0.0, tensor[0].numel() ** -0.5, generator=gen)
-        sd[name] = tensor
-    return sd
+    return dict(random_state_dict(VARIANT, depth, torch.device("cpu"), seed))
 
 
 def reference(sd: dict, depth: int, dtype: torch.dtype) -> torch.nn.Module:

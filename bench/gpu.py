@@ -41,12 +41,11 @@ PROFILED = ("stock_fp16", "ours_auto", "ours_fp8_matmul")
 
 
 @torch.no_grad()
-def write_model_file(arch: str, path: Path, device: torch.device, seed: int = 0) -> int:
-    """The architecture at full depth in bfloat16, drawn on `device` by a seeded generator, saved as a diffusion-model
-    file ComfyUI detects; returns its parameter count."""
-    model = models.meta_model(ARCHS[arch], None, torch.bfloat16).to_empty(device=device)
+def random_state_dict(variant: str, depth: int | None, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The run's weights, bfloat16 on `device`: Gaussian 1/sqrt(fan_in) drawn by a seeded generator in state-dict
+    order, zero biases, unit norms, SD3's sin-cos pos_embed (bench.error_gap rebuilds the same)."""
+    model = models.meta_model(variant, depth, torch.bfloat16).to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    sd = {}
     for name, tensor in model.state_dict().items():
         if name.endswith(".bias"):
             tensor.zero_()
@@ -56,8 +55,14 @@ def write_model_file(arch: str, path: Path, device: torch.device, seed: int = 0)
             tensor.fill_(1.0)  # every 1-D weight of an MMDiT is a norm scale
         else:
             tensor.normal_(0.0, tensor[0].numel() ** -0.5, generator=gen)
-        sd[name] = tensor.cpu().contiguous()
-    del model
+    return model.state_dict()
+
+
+def write_model_file(arch: str, path: Path, device: torch.device, seed: int = 0) -> int:
+    """The architecture at full depth (`random_state_dict`), saved as a diffusion-model file ComfyUI detects; returns
+    its parameter count."""
+    sd = {name: tensor.cpu().contiguous() for name, tensor in random_state_dict(ARCHS[arch], None, device,
+                                                                                  seed).items()}
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the children measure the device alone
     save_file(sd, str(path))
