@@ -19,7 +19,7 @@ PYTEST := $(PY) -m pytest -q
 
 # The floor venv: torch at pyproject.toml's floor (its `"torch>=X"` line, so the floor that is declared is the one
 # tested) and the torchvision built for it (0.(N+15) for torch 2.N), ComfyUI 0.3.75's pinned packages
-# (tests/floor/requirements.txt); the host's source is the one `make host` materialised for the main venv.
+# (tests/floor/requirements.txt, versions from requirements-test.txt); the host's source is the one `make host` materialised for the main venv.
 FLOOR_VENV := .venv-floor
 FLOOR_PY := $(FLOOR_VENV)/bin/python
 FLOOR_STAMP := $(FLOOR_VENV)/.installed
@@ -57,11 +57,11 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-$(FLOOR_STAMP): tests/floor/requirements.txt pyproject.toml
+$(FLOOR_STAMP): tests/floor/requirements.txt requirements-test.txt pyproject.toml
 	test -n "$(FLOOR_TORCH)" || { echo "pyproject.toml has no \"torch>=X\" dependency line" >&2; exit 1; }
 	test -x $(FLOOR_PY) || $(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_PY) -m pip install -q --no-compile torch==$(FLOOR_TORCH) torchvision==$(FLOOR_TORCHVISION)
-	$(FLOOR_PY) -m pip install -q --no-compile -r tests/floor/requirements.txt
+	$(FLOOR_PY) -m pip install -q --no-compile -r tests/floor/requirements.txt -c requirements-test.txt
 	touch $@
 
 # two processes (the host's session checks that the engine is imported once, as the pack's: tests/conftest.py);
