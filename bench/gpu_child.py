@@ -53,18 +53,13 @@ def load(mode: str, path: Path):
 
 
 def inputs(pixels: int, batch: int, device: torch.device) -> dict:
-    """Seeded latents, sigma 0.75, 154 context tokens and pooled vectors, float32 as sampling passes them
-    (apply_model casts them to the model's compute dtype)."""
+    """The benchmark's seeded latents, 154 context tokens and pooled vectors (bench.models.inputs), float32 as
+    sampling passes them (apply_model casts them to the model's compute dtype), at sigma 0.75."""
     from bench import models
 
-    gen = torch.Generator().manual_seed(0)
-    side = pixels // 8
-    make = {"x": (batch, models.LATENT_CHANNELS, side, side), "c_crossattn": (batch, models.CONTEXT_TOKENS,
-                                                                              models.CONTEXT_DIM),
-            "y": (batch, models.POOLED_DIM)}
-    out = {k: torch.randn(shape, generator=gen).to(device) for k, shape in make.items()}
-    out["t"] = torch.full((batch,), 0.75, device=device)
-    return out
+    inp = models.inputs(pixels, batch=batch)
+    return {"x": inp["x"].to(device), "c_crossattn": inp["context"].to(device), "y": inp["y"].to(device),
+            "t": torch.full((batch,), 0.75, device=device)}
 
 
 def step(model, inp: dict) -> torch.Tensor:
