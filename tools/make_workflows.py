@@ -131,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only compare with the files on disk")
     args = parser.parse_args(argv)
     comfy_dir = comfy_host.materialise(REPO / ".cache")
-    comfy_host.boot(comfy_dir, comfy_host.make_base_dir(Path(tempfile.mkdtemp(prefix="sd35_fp8_wf_")), REPO))
-    files = render_all(node_definitions(comfy_host.load_nodes("sd35_fp8")))
+    with tempfile.TemporaryDirectory(prefix="sd35_fp8_wf_") as base:
+        comfy_host.boot(comfy_dir, comfy_host.make_base_dir(Path(base), REPO))
+        files = render_all(node_definitions(comfy_host.load_nodes()))
     stale = [p for p, text in files.items() if not p.exists() or p.read_text() != text]
     if args.check:
         for path in stale:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tools import comfy_host
 from tools.make_workflows import node_definitions, render_all, widget_count
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,6 +36,16 @@ def test_files_match_their_source(defs):
     """UI files are generated from the API graphs with this host's node definitions: nothing drifted."""
     for path, text in render_all(defs).items():
         assert path.read_text() == text, f"{path.name} is stale: run python -m tools.make_workflows"
+
+
+@pytest.mark.skipif(comfy_host.host_version() != "0.3.75" or comfy_host.fp8_device_mode(),
+                    reason="runs once: the tool boots ComfyUI 0.3.75 itself")
+def test_make_workflows_command_finds_nothing_stale():
+    """The maintainer's command itself (its own host boot and pack link), not only the functions it calls."""
+    proc = subprocess.run([sys.executable, "-m", "tools.make_workflows", "--check"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "out of date" not in proc.stdout
 
 
 def test_official_model_names_by_default():
