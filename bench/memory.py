@@ -13,8 +13,9 @@ import math
 import torch
 
 from sd35_fp8.quant.config import QuantConfig
+from sd35_fp8.quant.decision import FP8, UNIT_SCALE
 from sd35_fp8.quant.formats import dequantize_weight, quantize_weight
-from sd35_fp8.quant.policy import resolve_policy
+from sd35_fp8.quant.plan import make_plan
 from sd35_fp8.quant.report import nbytes
 
 from . import models
@@ -22,10 +23,11 @@ from .common import log, rel_err
 from .weights import sincos_pos_embed
 
 
-def _fp8_keys(shapes: dict[str, tuple[int, ...]]) -> tuple[set[str], frozenset[str]]:
-    """Keys our default preset (auto) stores in FP8: Linear weights, and tables (pos_embed) with scale 1.0."""
-    policy = resolve_policy(QuantConfig(), shapes)
-    return {k for k, s in shapes.items() if k.endswith(".weight") and policy.should_quantize(k, s)}, policy.unit_scale
+def _fp8_keys(shapes: dict[str, tuple[int, ...]]) -> tuple[set[str], set[str]]:
+    """Keys our default preset (auto) stores in FP8, as the engine's plan decides them: (Linear weights, tables
+    such as pos_embed with scale 1.0)."""
+    plan = make_plan(QuantConfig(), shapes, dict.fromkeys(shapes, torch.float16))
+    return set(plan.keys(FP8)), set(plan.keys(UNIT_SCALE))
 
 
 def arithmetic(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:

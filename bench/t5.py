@@ -17,7 +17,7 @@ import torch
 
 from sd35_fp8.quant.config import QuantConfig
 from sd35_fp8.quant.plan import FP8, make_plan
-from sd35_fp8.quant.quantize import module_shapes, quantize
+from sd35_fp8.quant.quantize import module_tensors, quantize
 from tools import tiny_sd35
 
 from . import models
@@ -93,7 +93,7 @@ def output_errors(depth: int, ids: torch.Tensor) -> dict:
 
 def run(quick: bool) -> dict:
     depth = 1 if quick else 4
-    shapes = module_shapes(tiny_sd35.build_t5xxl())
+    shapes = {k: tuple(t.shape) for k, t in module_tensors(tiny_sd35.build_t5xxl()).items()}
     bytes_, fp8_layers, kept = byte_counts(shapes)
     errors = output_errors(depth, tokens())
     fp16 = bytes_["fp16"]

@@ -74,10 +74,13 @@ def main() -> int:
     if tiny:
         fixtures = REPO / ".cache" / "fixtures"
         ckpt = fixtures / tiny_sd35.build_in_subprocess(comfy_dir, fixtures)["files"]["large"]["all_in_one"]
-    base = comfy_host.make_base_dir(REPO / "demo-output", REPO, "sd35_fp8")
+    old_link = REPO / "demo-output" / "custom_nodes" / "sd35_fp8"  # older demos linked the pack under this name:
+    if old_link.is_symlink():  # with both links, ComfyUI would load the pack twice
+        old_link.unlink()
+    base = comfy_host.make_base_dir(REPO / "demo-output", REPO)  # the name `make serve` and the tests use
     name = comfy_host.link_model(base, "checkpoints", ckpt)
     comfy_host.boot(comfy_dir, base)
-    comfy_host.load_nodes("sd35_fp8")
+    comfy_host.load_nodes()
     runner = comfy_host.PromptRunner()
 
     def run(workflow: str) -> tuple[dict, float]:
@@ -109,7 +112,7 @@ def main() -> int:
               "numbers are real measurements of this tiny model.")
     else:
         print(f"Model: {ckpt}")
-    print(f"Diffusion model weights: {before / 2**20:.1f} MB as stored -> {after / 2**20:.1f} MB FP8 "
+    print(f"Diffusion model weights: {before / 2**20:.1f} MiB as stored -> {after / 2**20:.1f} MiB FP8 "
           f"({after / before:.3f}x)")
     print(f"  rule: {data['rule']}")
     print("  " + next(line for line in report.splitlines() if line.startswith("layers:")))  # the text's summary

@@ -92,7 +92,7 @@ def hardware_aware() -> dict:
 
 
 def memory_budget() -> dict:
-    """Large on a 12 GB card: the weights fill 10.5 GiB (FP8 alone is 7.6 GB), 16-bit where it buys the most."""
+    """Large on a 12 GB card: the weights fill 10.5 GiB (FP8 alone is 7.64 GiB), 16-bit where it buys the most."""
     graph = _txt2img(LARGE, "sd35_large", "sd35_fp8/memory_budget")
     graph["loader"]["inputs"]["memory_budget"] = "10.5"
     graph["loader"]["_meta"]["title"] = "Load SD3.5 Checkpoint (FP8, weights in 10.5 GiB)"

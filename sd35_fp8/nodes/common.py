@@ -86,7 +86,9 @@ def quant_inputs(with_disabled: bool = False) -> list[io.Input]:
                        tooltip="auto: FP8 tensor-core matmul where the GPU has it (NVIDIA compute capability 8.9+) "
                                "and a one-time timing there finds it faster, else weight_only. weight_only: FP8 "
                                "storage, 16/32-bit math (works everywhere). "
-                               "fp8_matmul: require FP8 tensor cores; an error on GPUs without them."),
+                               "fp8_matmul: require FP8 tensor cores (an error where the device or torch has "
+                               "none); a layer they cannot take (e5m2, sizes not multiples of 16) runs weight_only, "
+                               "said once in the log."),
     ]
 
 

@@ -42,7 +42,7 @@ class SD35FP8HardwareInfo(PackNode):
                                  tooltip="fp8_matmul or weight_only: what compute=auto will use for SD3.5's most "
                                          "common Linear layer in float16 (fp8_matmul only where it is timed "
                                          "faster on this device)."),
-                io.Int.Output(display_name="memory_mb", tooltip="Device memory in MB."),
+                io.Int.Output(display_name="memory_mb", tooltip="Device memory in MiB (2^20 bytes)."),
             ],
         )
 

@@ -137,9 +137,9 @@ class SD35FP8Sampler(PackNode):
                                        settings["scheduler"], positive, negative, latent_image, denoise=denoise)[0]
         seconds = time.perf_counter() - start
         if device.type == "cuda":
-            memory = f"peak VRAM {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB (max allocated)"
+            memory = f"peak VRAM {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (max allocated)"
         else:
-            memory = f"process RSS {psutil.Process().memory_info().rss / 2**20:.0f} MB"
+            memory = f"process RSS {psutil.Process().memory_info().rss / 2**20:.0f} MiB"
         used = ", ".join(f"{k}={v}" for k, v in settings.items() if layers or not k.startswith("skip"))
         stats = [f"preset {preset}: {used}",
                  f"{seconds:.2f} s total, {seconds / settings['steps']:.3f} s/step, {memory}",

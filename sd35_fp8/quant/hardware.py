@@ -62,7 +62,7 @@ class DeviceCapability:
             f"compute capability: {cc}",
             f"fp8 storage: {'yes' if self.fp8_storage else 'no'}",
             f"fp8 matmul: {'yes' if self.fp8_matmul else 'no'} ({self.reason})",
-            f"memory: {self.memory_mb} MB",
+            f"memory: {self.memory_mb} MiB",
             f"torch: {self.torch_version}, CUDA: {self.cuda_version or 'n/a'}",
             f"compute=auto considers: {self.recommended_compute}"
             + (" (taken where timed faster than weight_only)" if self.fp8_matmul else ""),

@@ -117,9 +117,6 @@ class ProtectionPolicy:
     reasons: dict[str, str] = field(default_factory=dict)  # protected layer -> the preset glob or pattern line
     by_preset: frozenset[str] = frozenset()  # protected by the preset (or generic rule) alone: a budget may demote
 
-    def should_quantize(self, name: str, shape: tuple[int, ...]) -> bool:
-        return len(shape) == 2 and name.removesuffix(".weight") not in self.protected
-
     def why_protected(self, name: str) -> str | None:
         """The rule that keeps layer `name` 16-bit, or None if it goes FP8."""
         return self.reasons.get(name, self.rule) if name in self.protected else None

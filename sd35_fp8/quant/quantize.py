@@ -27,10 +27,6 @@ def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict(list(module.named_parameters()) + list(module.named_buffers()))
 
 
-def module_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(t.shape) for name, t in module_tensors(module).items()}
-
-
 def _set(root: torch.nn.Module, name: str, new: torch.nn.Module | torch.Tensor) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root

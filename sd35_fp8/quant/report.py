@@ -99,7 +99,7 @@ class Report:
         mb = 1024 * 1024
         already = f"{self.n_already_fp8} already fp8, " if self.n_already_fp8 else ""
         return (f"{self.n_fp8} fp8, {already}{self.n_protected} protected; "
-                f"{self.bytes_before / mb:.1f} MB -> {self.bytes_after / mb:.1f} MB ({self.ratio:.3f}x)")
+                f"{self.bytes_before / mb:.1f} MiB -> {self.bytes_after / mb:.1f} MiB ({self.ratio:.3f}x)")
 
     def to_text(self, max_layers: int | None = None) -> str:
         errors = [layer.rel_error for layer in self._of(*STORED_FP8) if layer.rel_error is not None]

@@ -22,9 +22,7 @@ def _quant(pack):
 def test_auto_detects_full_size_architectures_on_meta(comfy_nodes, pack, variant, depth, hidden, attn2):
     quant = _quant(pack)
     model = build_mmdit(variant)  # meta device: no memory
-    import importlib
-
-    shapes = importlib.import_module("sd35_fp8.quant.quantize").module_shapes(model)
+    shapes = {k: tuple(t.shape) for k, t in [*model.named_parameters(), *model.named_buffers()]}
     policy = quant.resolve_policy(quant.QuantConfig(), shapes)
     v = policy.variant
     assert (v.name, v.depth, v.hidden, v.qk_norm, v.attn2_blocks) == (variant, depth, hidden, True, attn2)

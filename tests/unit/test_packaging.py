@@ -38,6 +38,10 @@ def test_wheel_holds_the_package_and_its_cli_runs_from_anywhere(tmp_path):
                          text=True, timeout=300, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
     assert cli.returncode == 0, cli.stderr[-3000:]
     assert "convert" in cli.stdout and "inspect" in cli.stdout
+    script = subprocess.run([str(site / "bin" / "sd35-fp8"), "convert", "--help"], cwd=elsewhere,
+                            capture_output=True, text=True, timeout=300,
+                            env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})  # the installed console script
+    assert script.returncode == 0 and "--preset" in script.stdout, script.stderr[-3000:]
     found = subprocess.run([sys.executable, "-c", "import sd35_fp8.quant.budget as b; print(b.__file__)"],
                            cwd=elsewhere, capture_output=True, text=True, timeout=300,
                            env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
