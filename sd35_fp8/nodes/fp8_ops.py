@@ -14,7 +14,9 @@ ComfyUI's conventions:
   up and restores the weight alone (the original Parameter, or a new one around its copy), and a
   restored weight carries no scale of its own, so unpatching brings back the exact layer, scale
   included. In-place updates (ComfyUI's hook patches, restored by copying the bits back into the same
-  Parameter) keep the scale the weight has. Moves keep the travelling scale with the weight (`_apply`),
+  Parameter) keep the scale the weight has (`recompute_hook_patches` keeps ComfyUI from copying a cached real
+  weight in). `convert_weight` scales the bits it is given with their own scale: the patched weight's, or the
+  unpatched one's for ModelPatcher's backup. Moves keep the travelling scale with the weight (`_apply`),
   and the state dict writes the scale of the weight beside it;
 - a layer offloaded in low-VRAM mode gets its LoRA as `weight_function` patches at run time:
   they are applied to the dequantized weight, which is then used as it is (ComfyUI 0.8.0's
@@ -27,6 +29,7 @@ ComfyUI's conventions:
 
 from __future__ import annotations
 
+import comfy.hooks
 import comfy.lora
 import comfy.model_management
 import comfy.model_patcher
@@ -121,7 +124,10 @@ class FP8OpsLinear(FP8LinearMixin, comfy.ops.manual_cast.Linear):
     def convert_weight(self, weight, inplace=False, **kwargs):
         if not self.is_fp8:
             return weight
-        scale = self.current_scale().to(weight.device)
+        scale = self.current_scale()
+        if scale is not self.weight_scale and not torch.equal(weight, self.weight.to(weight.device, weight.dtype)):
+            scale = self.weight_scale  # not the merged weight's bits: ModelPatcher's backup (e.g. a merge's source)
+        scale = scale.to(weight.device)
         if inplace and weight.dtype == torch.float32:
             return weight.mul_(scale)  # float32: a small scale would underflow in float16
         return dequantize_weight(weight, scale, torch.float32)
@@ -166,6 +172,14 @@ def make_fp8_ops(compute: str = "auto") -> type:
     subclass per load carries that load's settings, so they never leak into another model's layers."""
     linear = type("FP8OpsLinear", (FP8OpsLinear,), {"compute": compute})
     return type("FP8Ops", (FP8Ops,), {"Linear": linear})
+
+
+def recompute_hook_patches(patcher) -> None:
+    """Make hook LoRAs (Create Hook LoRA and the like) go through `set_weight` each time they apply. ComfyUI's
+    default hook mode, MaxSpeed, caches a hook's patched weight as real (float32) values and copies them straight
+    back into the weight when the hook applies again (`patch_cached_hook_weights`): into an FP8 weight that is a
+    cast without its scale. MinVram recomputes the patch instead; clones inherit the mode."""
+    patcher.set_hook_mode(comfy.hooks.EnumHookMode.MinVram)
 
 
 def requantized_weight(weight: torch.Tensor, old_scale: torch.Tensor, dtype: torch.dtype) -> torch.nn.Parameter:

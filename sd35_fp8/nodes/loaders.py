@@ -27,7 +27,7 @@ from ..quant.plan import CHECKPOINT_MODEL_PREFIX, LOADER_TEXT_ENCODER_CHOICES
 from ..quant.streaming import quantize_safetensors_stream, quantize_state_dict
 from .budget import memory_budget_input, resolve_budget
 from .common import CATEGORY, PackNode, progress_callback, protect_patterns_input, quant_inputs, record_info
-from .fp8_ops import FLOAT8_DTYPES, check_compute_supported, make_fp8_ops
+from .fp8_ops import FLOAT8_DTYPES, check_compute_supported, make_fp8_ops, recompute_hook_patches
 from .fp8_tables import fp8_tables_in_place
 
 
@@ -160,6 +160,9 @@ class SD35FP8CheckpointLoader(PackNode):
             if model is None:
                 raise ValueError(f"ckpt_name: {ckpt_name} is not a diffusion model checkpoint ComfyUI recognises")
             record_info(model, ckpt_name, report)
+            for patcher in (model, getattr(clip, "patcher", None)):
+                if patcher is not None:
+                    recompute_hook_patches(patcher)
             report_text = f"{ckpt_name}\n{report.to_text()}"
         if clip is None:
             clip = MissingTextEncoders()
@@ -258,4 +261,5 @@ class SD35FP8DiffusionModelLoader(PackNode):
         if model is None:
             raise ValueError(f"model_name: {model_name} is not a diffusion model ComfyUI recognises")
         record_info(model, model_name, report)
+        recompute_hook_patches(model)
         return io.NodeOutput(model, f"{model_name}\n{report.to_text()}")

@@ -158,17 +158,20 @@ def quantize_with_scale(weight: torch.Tensor, scale: torch.Tensor, fmt: str = "f
 
 @torch.no_grad()
 def fresh_scale(weight: torch.Tensor, old_scale: torch.Tensor, fmt: str = "float8_e4m3fn") -> torch.Tensor:
-    """The absmax scale of a patched (LoRA-merged) real-valued `weight`, shaped like the FP8 layer's `old_scale` (per
-    row if that is [out, 1], else one value). Re-quantizing with the old scale would clip every value a patch pushes
-    past the old range; a row (or tensor) whose range the patch left exactly as it was keeps its old scale, so an
-    untouched row, and a patch of strength 0, keep their exact bits."""
+    """The scale to re-quantize a patched (LoRA-merged) real-valued `weight` with, shaped like the FP8 layer's
+    `old_scale` (per row if that is [out, 1], else one value). Re-quantizing with the old scale would clip every value
+    a patch pushes past the old range: such a row (or tensor) gets its absmax scale, as does one the patch shrank
+    below half the old range. A row whose range still fits the old scale within a factor 2 keeps it (FP8 is floating
+    point: in its top binade nothing is lost), so an untouched row, and a patch of strength 0, keep their exact bits
+    whatever headroom the file's scales have (ours have none; other tools' may)."""
     per_row = old_scale.dim() == 2 and weight.dim() == 2 and old_scale.shape[0] == weight.shape[0] > 1
     absmax = _absmax(weight, 1 if per_row else None)
     if not bool(torch.isfinite(absmax).all()):
         raise ValueError("a patched (LoRA) weight holds NaN/Inf values; check the LoRA file and its strength")
     limit = fp8_max(fmt)
     old = old_scale.to(device=weight.device, dtype=torch.float32).reshape(absmax.shape)
-    return torch.where(absmax == old * limit, old, _scale_from_absmax(absmax, limit)).reshape(old_scale.shape)
+    fits = (absmax <= old * limit) & (absmax * 2 > old * limit)
+    return torch.where(fits, old, _scale_from_absmax(absmax, limit)).reshape(old_scale.shape)
 
 
 def requantize(weight: torch.Tensor, old_scale: torch.Tensor,

@@ -74,8 +74,9 @@ def lora_then_quantize(pack, fp8_model, lora16_model, scaling: str | None = None
     clone = fp8_model.clone()
     ops = fp8_ops.make_fp8_ops("weight_only")
     for name, layer in layers.items():
-        scaling = scaling or ("per_channel" if layer.weight_scale.dim() else "per_tensor")
-        qweight, scale = formats.quantize_weight(merged[name].float(), formats.format_name(layer.weight.dtype), scaling)
+        layer_scaling = scaling or ("per_channel" if layer.weight_scale.dim() else "per_tensor")
+        qweight, scale = formats.quantize_weight(merged[name].float(), formats.format_name(layer.weight.dtype),
+                                                 layer_scaling)
         clone.add_object_patch(f"diffusion_model.{name}", fp8_ops.ops_linear_holding(ops, qweight, scale, layer.bias))
     return clone
 
@@ -141,6 +142,42 @@ def test_sampled_latent_with_lora_is_as_close_to_fp16_lora_as_lora_then_quantize
     assert errors["l8"] <= MAX_RATIO * ltq and errors["qa"] <= MAX_RATIO * ltq, (errors, ltq)
 
 
+def test_hook_lora_never_copies_a_cached_real_weight_into_fp8(runner, fixture_files, tiny_lora, monkeypatch):
+    """A hook LoRA (Create Hook LoRA -> Cond Set Props) on the positive prompt only: two hook groups, so ComfyUI
+    applies the hook at every step. In its default MaxSpeed mode it would, from the second step on, copy the
+    patched weight it cached (real float32 values) straight into the FP8 weight, bypassing set_weight; our models
+    recompute it through set_weight instead (fp8_ops.recompute_hook_patches), and the FP8 model is the same after."""
+    import comfy.model_patcher
+
+    ckpt = fixture_files["large_all_in_one"].name
+    hook = {"class_type": "CreateHookLora", "inputs": {"lora_name": tiny_lora, "strength_model": STRENGTH,
+                                                       "strength_clip": 0.0}}
+    hooked = {"class_type": "ConditioningSetProperties", "inputs": {"cond_NEW": ["p", 0], "strength": 1.0,
+                                                                     "set_cond_area": "default", "hooks": ["hk", 0]}}
+    prompt = {"ck": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}, **encode("ck"),
+              "ld": fp8_loader(ckpt), "qa": quantize_model(["ck", 0]), "hk": hook, "ph": hooked}
+    for node in ("ck", "ld", "qa"):
+        sampler = ksampler([node, 0])
+        sampler["inputs"]["positive"] = ["ph", 0]
+        prompt[f"ks_{node}"], prompt[f"o_{node}"] = sampler, show([f"ks_{node}", 0])
+    cached = []
+    original = comfy.model_patcher.ModelPatcher.patch_cached_hook_weights
+
+    def spy(self, cached_weights, key, memory_counter):
+        cached.append((self.model_options.get("sd35_fp8", {}).get("source"), key))
+        return original(self, cached_weights, key, memory_counter)
+
+    monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "patch_cached_hook_weights", spy)
+    runner.run({k: v for k, v in prompt.items() if k in ("ck", "ld", "qa")} | {"o": show(["ld", 1]),
+                                                                              "oq": show(["qa", 1])})
+    fp8_models = [runner.node_outputs(node)[0] for node in ("ld", "qa")]
+    before = [snapshot(m) for m in fp8_models]
+    runner.run(prompt)
+    assert [m.hook_mode.name for m in fp8_models] == ["MinVram", "MinVram"]
+    assert cached and all(source is None for source, _ in cached), cached[:3]  # the stock model's only
+    assert all(same_bits(b, snapshot(m)) for b, m in zip(before, fp8_models, strict=True))
+
+
 def test_unpatching_restores_the_fp8_model_bit_for_bit(models):
     """Every tensor of the FP8 model, scales included, is the same after its LoRA branches ran in both modes;
     no layer is left holding a LoRA-patched weight's own scale; strength 0 is no LoRA at all."""
@@ -180,6 +217,31 @@ def test_merged_lora_carries_its_scale_into_state_dict_and_back(models):
     rows = real.abs().amax(dim=1) > 1.05 * original.abs().amax(dim=1)  # rows whose range the LoRA widened
     assert float(rows.float().mean()) > 0.5
     assert same_bits(before, snapshot(models["ld"]))
+
+
+def test_convert_weight_scales_the_bits_it_is_given_while_a_lora_is_merged(models):
+    """ModelPatcher hands convert_weight either a copy of the layer's current (patched) bits or its backup of the
+    unpatched ones (get_key_patches, used by the model-merge nodes): each is scaled with its own scale."""
+    import comfy.model_management
+
+    patched = models["l8"]
+    name = "joint_blocks.0.x_block.mlp.fc1"
+    before = snapshot(models["ld"])
+    original_bits = before[f"{name}.weight"].float()
+    with torch.inference_mode():
+        comfy.model_management.unload_all_models()
+        patched.patch_model(CPU, lowvram_model_memory=0)
+        try:
+            layer = patched.get_model_object(f"diffusion_model.{name}")
+            current = layer.convert_weight(layer.weight.float())
+            patched_scale = layer.current_scale().clone()
+            expected_current = layer.weight.float() * patched_scale
+            backup = layer.convert_weight(original_bits.clone())
+        finally:
+            patched.unpatch_model(CPU)
+    assert torch.equal(current, expected_current)
+    assert torch.equal(backup, original_bits * before[f"{name}.weight_scale"])
+    assert not torch.equal(patched_scale, before[f"{name}.weight_scale"])  # so the two scales differ
 
 
 def test_lora_on_our_saved_file_through_the_stock_loader(runner, comfy_base, fixture_files, models, tiny_lora, pack):

@@ -36,7 +36,21 @@ def test_patched_rows_get_a_fresh_scale_and_untouched_rows_keep_their_bits(scali
 def test_shrunk_rows_get_a_finer_scale_and_nan_is_refused():
     qweight, scale = quantize_weight(torch.randn(8, 16))
     real = dequantize_weight(qweight, scale)
-    assert bool((fresh_scale(real * 0.5, scale) < scale).all())
+    assert bool((fresh_scale(real * 0.4, scale) < scale).all())
+    assert torch.equal(fresh_scale(real * 0.6, scale), scale)  # still in the old scale's top binade: kept
     real[3, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         fresh_scale(real, scale)
+
+
+@pytest.mark.parametrize("headroom", [1.0, 1.1, 1.9])
+def test_untouched_rows_keep_their_bits_whatever_headroom_the_scales_have(headroom):
+    """Other tools' FP8 files may leave headroom under 448 (absmax / scale < 448): a patch of strength 0, or rows it
+    leaves alone, must still re-quantize to the same bits and scale."""
+    torch.manual_seed(0)
+    qweight, scale = quantize_weight(torch.randn(8, 32))
+    scale = scale * headroom
+    qweight = quantize_with_scale(dequantize_weight(qweight, scale / headroom), scale)  # a file stored that way
+    real = dequantize_weight(qweight, scale)
+    new_q, new_scale = requantize(real, scale)
+    assert torch.equal(new_scale, scale) and torch.equal(new_q.view(torch.uint8), qweight.view(torch.uint8))
