@@ -35,9 +35,9 @@ from .common import RESULTS, boot_host, log, machine, now, rel_err, run_child
 
 ARCHS = {"sd35_medium": "sd35_medium", "sd35_large": "sd35_large", "tiny_large": "large", "tiny_medium": "medium"}
 STOCK_FP8 = ("stock_fp8_e4m3fn", "stock_fp8_e4m3fn_fast", "stock_on_ours")
-OURS = ("ours_auto", "ours_weight_only", "ours_fp8_matmul")
+OURS = ("ours_auto", "ours_weight_only", "ours_fp8_matmul", "ours_comfyui_native")
 MODES = ("stock_fp16", *STOCK_FP8, *OURS)
-PROFILED = ("stock_fp16", "ours_auto", "ours_fp8_matmul")
+PROFILED = ("stock_fp16", "ours_auto", "ours_fp8_matmul", "ours_comfyui_native")
 
 
 @torch.no_grad()

@@ -9,6 +9,8 @@ parent's error figures. Modes (bench.gpu.MODES):
   stock_on_ours                                        the same loader (default) on the pack's saved FP8 file
   ours_auto, ours_weight_only, ours_fp8_matmul         the pack's Load SD3.5 Diffusion Model (FP8), node defaults
                                                        but compute
+  ours_comfyui_native                                  the same loader handing ComfyUI its own FP8 layers
+                                                       (compute comfyui_native, scaling per_tensor)
   save_ours                                            the pack's loader (defaults) and Save FP8 Model's writer: the
                                                        file stock_on_ours loads (not timed)
 With "profile": true, one more step runs under torch.profiler and its kernel table goes to spec["profile"].
@@ -48,7 +50,8 @@ def load(mode: str, path: Path):
     folder_paths.add_model_folder_path("diffusion_models", str(path.parent))
     compute = "auto" if mode == "save_ours" else mode.removeprefix("ours_")
     loader = _pack().loaders.SD35FP8DiffusionModelLoader
-    scaling = "per_tensor" if mode == "save_ours" else "per_channel"  # the stock file rounded once, as loaded
+    # the stock file rounded once, as loaded; ComfyUI's own layers take one scale per layer
+    scaling = "per_tensor" if mode in ("save_ours", "ours_comfyui_native") else "per_channel"
     return loader.execute(path.name, "float8_e4m3fn", scaling, "auto", compute).args[0]
 
 

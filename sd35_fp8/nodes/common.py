@@ -18,6 +18,8 @@ from ..quant.report import Report
 CATEGORY = "SD3.5 FP8"
 PACK_VERSION = "0.1.0"
 INFO_KEY = "sd35_fp8"  # model_options entry where loaders/quantizers record what they did (copied on clone)
+# The loaders' fourth compute choice: build the model with ComfyUI's own FP8 layers (nodes/native.py)
+COMFYUI_NATIVE = "comfyui_native"
 
 
 class PackNode(io.ComfyNode):
@@ -73,8 +75,13 @@ def protect_patterns_input() -> io.String.Input:
                                    "(re:joint_blocks\\.(0|1)\\.). Lines starting with # are comments.")
 
 
-def quant_inputs(with_disabled: bool = False) -> list[io.Input]:
-    """The engine inputs every quantizing node shares, in contract order."""
+def quant_inputs(with_disabled: bool = False, loader: bool = False) -> list[io.Input]:
+    """The engine inputs every quantizing node shares, in contract order (`loader`: the loaders' extra compute
+    choice, comfyui_native)."""
+    native = [COMFYUI_NATIVE] if loader else []
+    native_tip = (" comfyui_native: build the model with ComfyUI's own FP8 layers (its mixed-precision ops, "
+                  "comfy-kitchen's kernels on 0.8 GPUs); this pack still decides which layers are FP8 and reports "
+                  "the error. Needs scaling=per_tensor and float8_e4m3fn.") if loader else ""
     return [
         fp8_format_input(with_disabled),
         scaling_input(),
@@ -82,13 +89,13 @@ def quant_inputs(with_disabled: bool = False) -> list[io.Input]:
                        tooltip="Which modules stay in 16-bit. auto detects SD3.5 Large / Medium / Large Turbo from "
                                "the weights (and uses a generic embedders/first/last rule on other models); none "
                                "quantizes every Linear."),
-        io.Combo.Input("compute", options=list(COMPUTE_MODES), default="auto",
+        io.Combo.Input("compute", options=[*COMPUTE_MODES, *native], default="auto",
                        tooltip="auto: FP8 tensor-core matmul where the GPU has it (NVIDIA compute capability 8.9+) "
                                "and a one-time timing there finds it faster, else weight_only. weight_only: FP8 "
                                "storage, 16/32-bit math (works everywhere). "
                                "fp8_matmul: require FP8 tensor cores (an error where the device or torch has "
                                "none); a layer they cannot take (e5m2, sizes not multiples of 16) runs weight_only, "
-                               "said once in the log."),
+                               "said once in the log." + native_tip),
     ]
 
 

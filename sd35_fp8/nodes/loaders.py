@@ -3,7 +3,8 @@
 Files are found only through folder_paths (no path joins of user strings), must be
 .safetensors (pickle files are refused unread), and are quantized while they are
 read, tensor by tensor, so the 16-bit diffusion model is never held in memory whole.
-ComfyUI's own loaders then build the model, with our FP8 Linear as its operations.
+ComfyUI's own loaders then build the model, with our FP8 Linear as its operations (or, with
+compute=comfyui_native, with ComfyUI's own FP8 layers: native.py).
 """
 
 from __future__ import annotations
@@ -26,9 +27,18 @@ from ..quant.config import QuantConfig
 from ..quant.plan import CHECKPOINT_MODEL_PREFIX, LOADER_TEXT_ENCODER_CHOICES
 from ..quant.streaming import quantize_safetensors_stream, quantize_state_dict
 from .budget import memory_budget_input, resolve_budget
-from .common import CATEGORY, PackNode, progress_callback, protect_patterns_input, quant_inputs, record_info
+from .common import (
+    CATEGORY,
+    COMFYUI_NATIVE,
+    PackNode,
+    progress_callback,
+    protect_patterns_input,
+    quant_inputs,
+    record_info,
+)
 from .fp8_ops import FLOAT8_DTYPES, check_compute_supported, make_fp8_ops, recompute_hook_patches
 from .fp8_tables import fp8_tables_in_place
+from .native import check_native_settings, native_state_dict
 
 
 class MissingTextEncoders:
@@ -103,9 +113,25 @@ def quantize_device(shapes: Mapping[str, tuple[int, ...]], model_prefix: str) ->
 def _config(settings: dict, memory_budget: str, dtypes, shapes, model_prefix: str) -> tuple[torch.dtype, QuantConfig]:
     """(the model's 16-bit dtype, the run's config: the node's quantization inputs and its resolved budget, whose
     16-bit tensors count at that dtype's size, as ComfyUI will hold them)."""
-    check_compute_supported(settings["compute"])
+    check_native_settings(settings)
+    check_compute_supported(_own_compute(settings))
     budget = resolve_budget(memory_budget, shapes=shapes, model_prefix=model_prefix)
-    return model_dtype(dtypes, shapes, model_prefix), QuantConfig(**settings, memory_budget=budget)
+    config = QuantConfig(**{**settings, "compute": _own_compute(settings)}, memory_budget=budget)
+    return model_dtype(dtypes, shapes, model_prefix), config
+
+
+def _own_compute(settings: dict) -> str:
+    """The compute of this pack's FP8 layers in the model: with comfyui_native, only the text encoders have them."""
+    return "auto" if settings["compute"] == COMFYUI_NATIVE else settings["compute"]
+
+
+def _model_options(settings: dict, dtype: torch.dtype, sd: dict, model_prefix: str,
+                   metadata: dict[str, str]) -> tuple[dict, dict[str, str]]:
+    """(model_options, header metadata) for ComfyUI's build of the diffusion model: our FP8 Linear as its
+    operations, or (comfyui_native) the native layout, from which ComfyUI builds its own FP8 layers."""
+    if settings["compute"] == COMFYUI_NATIVE:
+        return {"dtype": dtype}, native_state_dict(sd, model_prefix, metadata)
+    return {"custom_operations": make_fp8_ops(settings["compute"]), "dtype": dtype}, metadata
 
 
 class SD35FP8CheckpointLoader(PackNode):
@@ -122,7 +148,7 @@ class SD35FP8CheckpointLoader(PackNode):
             inputs=[
                 io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
                                tooltip="An SD3.5 .safetensors checkpoint from models/checkpoints."),
-                *quant_inputs(with_disabled=True),
+                *quant_inputs(with_disabled=True, loader=True),
                 io.Combo.Input("text_encoder_fp8", options=list(LOADER_TEXT_ENCODER_CHOICES), default="t5xxl_only",
                                tooltip="Text encoders in FP8. t5xxl_only (default): T5-XXL in FP8, CLIP-L/G kept "
                                        "16-bit, as SD3.5's prompt following needs. none: all 16-bit. all: every "
@@ -152,11 +178,11 @@ class SD35FP8CheckpointLoader(PackNode):
             settings = _settings(fp8_format, scaling, protect_preset, compute, protect_patterns)
             sd, report, dtype = _quantize_file(path, header, CHECKPOINT_MODEL_PREFIX, settings, memory_budget,
                                                text_encoders=text_encoder_fp8)
-            ops = make_fp8_ops(compute)
+            options, metadata = _model_options(settings, dtype, sd, CHECKPOINT_MODEL_PREFIX, _metadata(header))
             with fp8_tables_in_place(sd, CHECKPOINT_MODEL_PREFIX):
                 model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
-                    sd, embedding_directory=embeddings, model_options={"custom_operations": ops, "dtype": dtype},
-                    te_model_options={"custom_operations": ops}, metadata=_metadata(header))
+                    sd, embedding_directory=embeddings, model_options=options,
+                    te_model_options={"custom_operations": make_fp8_ops(_own_compute(settings))}, metadata=metadata)
             if model is None:
                 raise ValueError(f"ckpt_name: {ckpt_name} is not a diffusion model checkpoint ComfyUI recognises")
             record_info(model, ckpt_name, report)
@@ -222,7 +248,7 @@ class SD35FP8DiffusionModelLoader(PackNode):
                                + sorted(_diffusers_transformers()),
                                tooltip="A .safetensors transformer in models/diffusion_models, or a diffusers folder "
                                        "(with transformer/config.json) there or in models/diffusers."),
-                *quant_inputs(),
+                *quant_inputs(loader=True),
                 protect_patterns_input(),
                 memory_budget_input(),
             ],
@@ -255,7 +281,7 @@ class SD35FP8DiffusionModelLoader(PackNode):
             sd, _, report = quantize_state_dict(converted, config, model_prefix="", progress=progress_callback(),
                                                 budget_itemsize=dtype.itemsize)
             metadata = {}
-        options = {"custom_operations": make_fp8_ops(compute), "dtype": dtype}
+        options, metadata = _model_options(settings, dtype, sd, "", metadata)
         with fp8_tables_in_place(sd, ""):
             model = comfy.sd.load_diffusion_model_state_dict(sd, metadata=metadata, model_options=options)
         if model is None:

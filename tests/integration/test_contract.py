@@ -22,6 +22,7 @@ CONTRACT = {
                              ("FLOAT", "FLOAT", "IMAGE", "STRING")),
     "SD35FP8SaveModel": ("Save FP8 Model", ["model", "filename_prefix"], ["layout"], ()),
 }
+LOADERS = ("SD35FP8CheckpointLoader", "SD35FP8DiffusionModelLoader")  # compute: also comfyui_native
 CHOICES = {
     "fp8_format": ["float8_e4m3fn", "float8_e5m2"],
     "scaling": ["per_channel", "per_tensor"],
@@ -51,7 +52,8 @@ def test_every_contract_node_matches(comfy_nodes):
                 assert definition[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
                 if name in CHOICES:
                     expected = CHOICES[name] + (["disabled"] if node_id == "SD35FP8CheckpointLoader"
-                                                and name == "fp8_format" else [])
+                                                and name == "fp8_format" else []) \
+                        + (["comfyui_native"] if node_id in LOADERS and name == "compute" else [])
                     assert combo_options(definition) == expected, f"{node_id}.{name}"
     assert comfy_nodes["SD35FP8SaveModel"].OUTPUT_NODE is True
 
