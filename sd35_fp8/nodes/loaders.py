@@ -93,13 +93,15 @@ def _settings(fp8_format: str, scaling: str, protect_preset: str, compute: str, 
 
 
 def _quantize_file(path: str, header: dict, model_prefix: str, settings: dict, memory_budget: str, **stream):
-    """Stream-quantize a checked file: (state dict, report, the model's 16-bit dtype for ComfyUI's build)."""
+    """Stream-quantize a checked file: (state dict, {model layer: FP8 format}, report, the model's 16-bit dtype for
+    ComfyUI's build)."""
     shapes, dtypes = header_shapes_dtypes(header)
     dtype, config = _config(settings, memory_budget, dtypes, shapes, model_prefix)
-    sd, _, report = quantize_safetensors_stream(path, config, header=header, model_prefix=model_prefix,
-                                                progress=progress_callback(), budget_itemsize=dtype.itemsize,
-                                                device=quantize_device(shapes, model_prefix), **stream)
-    return sd, report, dtype
+    sd, layer_formats, report = quantize_safetensors_stream(path, config, header=header, model_prefix=model_prefix,
+                                                            progress=progress_callback(),
+                                                            budget_itemsize=dtype.itemsize,
+                                                            device=quantize_device(shapes, model_prefix), **stream)
+    return sd, layer_formats, report, dtype
 
 
 def quantize_device(shapes: Mapping[str, tuple[int, ...]], model_prefix: str) -> torch.device:
@@ -125,12 +127,12 @@ def _own_compute(settings: dict) -> str:
     return "auto" if settings["compute"] == COMFYUI_NATIVE else settings["compute"]
 
 
-def _model_options(settings: dict, dtype: torch.dtype, sd: dict, model_prefix: str,
+def _model_options(settings: dict, dtype: torch.dtype, sd: dict, layer_formats: dict[str, str], model_prefix: str,
                    metadata: dict[str, str]) -> tuple[dict, dict[str, str]]:
     """(model_options, header metadata) for ComfyUI's build of the diffusion model: our FP8 Linear as its
     operations, or (comfyui_native) the native layout, from which ComfyUI builds its own FP8 layers."""
     if settings["compute"] == COMFYUI_NATIVE:
-        return {"dtype": dtype}, native_state_dict(sd, model_prefix, metadata)
+        return {"dtype": dtype}, native_state_dict(sd, layer_formats, model_prefix, metadata)
     return {"custom_operations": make_fp8_ops(settings["compute"]), "dtype": dtype}, metadata
 
 
@@ -176,9 +178,10 @@ class SD35FP8CheckpointLoader(PackNode):
             report_text = f"{ckpt_name}: fp8_format=disabled, loaded as stored (no FP8)."
         else:
             settings = _settings(fp8_format, scaling, protect_preset, compute, protect_patterns)
-            sd, report, dtype = _quantize_file(path, header, CHECKPOINT_MODEL_PREFIX, settings, memory_budget,
-                                               text_encoders=text_encoder_fp8)
-            options, metadata = _model_options(settings, dtype, sd, CHECKPOINT_MODEL_PREFIX, _metadata(header))
+            sd, layer_formats, report, dtype = _quantize_file(path, header, CHECKPOINT_MODEL_PREFIX, settings,
+                                                              memory_budget, text_encoders=text_encoder_fp8)
+            options, metadata = _model_options(settings, dtype, sd, layer_formats, CHECKPOINT_MODEL_PREFIX,
+                                               _metadata(header))
             with fp8_tables_in_place(sd, CHECKPOINT_MODEL_PREFIX):
                 model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
                     sd, embedding_directory=embeddings, model_options=options,
@@ -264,7 +267,7 @@ class SD35FP8DiffusionModelLoader(PackNode):
         settings = _settings(fp8_format, scaling, protect_preset, compute, protect_patterns)
         if model_name in folder_paths.get_filename_list("diffusion_models"):
             path, header = _model_file("diffusion_models", model_name, "model_name")
-            sd, report, dtype = _quantize_file(path, header, "", settings, memory_budget)
+            sd, layer_formats, report, dtype = _quantize_file(path, header, "", settings, memory_budget)
             metadata = _metadata(header)
         else:
             folder = _diffusers_transformers().get(model_name)
@@ -278,10 +281,11 @@ class SD35FP8DiffusionModelLoader(PackNode):
             del raw
             dtype, config = _config(settings, memory_budget, {k: v.dtype for k, v in converted.items()},
                                     {k: tuple(v.shape) for k, v in converted.items()}, "")
-            sd, _, report = quantize_state_dict(converted, config, model_prefix="", progress=progress_callback(),
-                                                budget_itemsize=dtype.itemsize)
+            sd, layer_formats, report = quantize_state_dict(converted, config, model_prefix="",
+                                                            progress=progress_callback(),
+                                                            budget_itemsize=dtype.itemsize)
             metadata = {}
-        options, metadata = _model_options(settings, dtype, sd, "", metadata)
+        options, metadata = _model_options(settings, dtype, sd, layer_formats, "", metadata)
         with fp8_tables_in_place(sd, ""):
             model = comfy.sd.load_diffusion_model_state_dict(sd, metadata=metadata, model_options=options)
         if model is None:

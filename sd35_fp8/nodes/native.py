@@ -14,10 +14,7 @@ import comfy.utils
 import torch
 
 from ..quant.checkpoint import QUANT_METADATA_KEY, STOCK_FORMAT, quantization_metadata, to_stock_layout
-from ..quant.formats import format_name
 from .common import COMFYUI_NATIVE
-
-SCALE_SUFFIX = ".weight_scale"
 
 
 def host_runs_native() -> bool:
@@ -42,15 +39,10 @@ def check_native_settings(settings: dict) -> None:
                          f"{STOCK_FORMAT} on every version; set fp8_format to {STOCK_FORMAT}")
 
 
-def fp8_layer_formats(sd: dict[str, torch.Tensor], model_prefix: str) -> dict[str, str]:
-    """{layer name relative to the diffusion model: FP8 format} of the state dict's scaled FP8 layers."""
-    return {key[len(model_prefix):-len(SCALE_SUFFIX)]: format_name(sd[key[:-len("_scale")]].dtype)
-            for key in sd if key.startswith(model_prefix) and key.endswith(SCALE_SUFFIX)}
-
-
-def native_state_dict(sd: dict[str, torch.Tensor], model_prefix: str, metadata: dict[str, str]) -> dict[str, str]:
-    """Put `sd` (in place) in ComfyUI's native layout and return the header metadata that tells ComfyUI so. A layer
-    that arrived per-channel (an FP8 file saved with layout=auto) is re-scaled to one scale: rounded a second time."""
-    layer_formats = fp8_layer_formats(sd, model_prefix)
+def native_state_dict(sd: dict[str, torch.Tensor], layer_formats: dict[str, str], model_prefix: str,
+                      metadata: dict[str, str]) -> dict[str, str]:
+    """Put `sd` (in place) in ComfyUI's native layout and return the header metadata that tells ComfyUI so.
+    `layer_formats`: the quantizer's {model layer: FP8 format}. A layer that arrived per-channel (an FP8 file saved
+    with layout=auto) is re-scaled to one scale: rounded a second time."""
     to_stock_layout(sd, layer_formats, model_prefix)
     return {**metadata, QUANT_METADATA_KEY: quantization_metadata(layer_formats, model_prefix)}
