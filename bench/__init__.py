@@ -2,3 +2,5 @@
 
 Run as `python -m bench.run [--quick]` from the repository root; see bench/README.md.
 """
+
+import tools  # noqa: F401  (sets up the checkout's imports: sd35_fp8 registered, the root off sys.path)

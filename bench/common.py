@@ -99,7 +99,7 @@ def round_ratios(numerator: list[float], denominator: list[float], minus: float 
 def run_child(module: str, *args: str | Path, **env: str) -> dict:
     """`python -m module args` in a fresh interpreter at the repository root, `env` added; its last line's JSON."""
     proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(REPO), **env))
+                          env=dict(os.environ, **env))
     if proc.returncode != 0:
         raise RuntimeError(f"{module} {' '.join(map(str, args))} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -3,7 +3,7 @@ per-channel), and when the preset's model keeps one more group 16-bit.
 
 This is the data the presets are chosen from (a group belongs in the 16-bit protected set when its error
 is large for the memory it would save) and the memory budget's per-group factors (`factors`, written
-to sd35_fp8/quant/sensitivity.json by `python -m bench.sensitivity`). For each group: relative output error
+to quant/sensitivity.json by `python -m bench.sensitivity`). For each group: relative output error
 vs fp32 (reduced depth, full width, 4 samples at timesteps 900..100), its share of the full-size model's
 16-bit bytes, and error per percent of the model saved (`err_per_pct_saved`). `pos_embed` and the x_embedder
 Conv2d are not Linear layers: pos_embed is replaced by the FP8 table (scale 1.0) the default preset stores; the
@@ -48,7 +48,7 @@ EMULATED = {"pos_embed": "pos_embed", "x_embedder": "x_embedder.proj.weight"}
 MARGINAL = ("x_adaLN", "context_adaLN", "x_qkv", "context_qkv", "x_proj", "context_proj", "x_mlp", "context_mlp")
 FACTOR_GROUPS = ("embedders", "final_layer", *MARGINAL, "pos_embed")  # the memory budget's groups
 VARIANTS = {"sd35_medium": ("student_t", "gaussian"), "sd35_large": ("student_t",)}  # weight kinds measured
-FACTORS_FILE = REPO / "sd35_fp8" / "quant" / "sensitivity.json"
+FACTORS_FILE = REPO / "quant" / "sensitivity.json"
 
 
 def _members(names: list[str], globs: tuple[str, ...], depth: int) -> list[str]:
@@ -148,7 +148,7 @@ def run(quick: bool) -> dict:
 
 
 def write_factors(results: Path = RESULTS / "latest.json") -> Path:
-    """sd35_fp8/quant/sensitivity.json from the sensitivity section of `results` (what the memory budget's
+    """quant/sensitivity.json from the sensitivity section of `results` (what the memory budget's
     planner reads)."""
     data = json.loads(results.read_text())
     s = data["sensitivity"]

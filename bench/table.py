@@ -113,7 +113,7 @@ def sensitivity(s: dict) -> list[str]:
                 for group, row in r[kinds[0]].items()]
         lines += _table(f"### 6. Sensitivity, {variant} (depth {s['depth']}, full width, {s['pixels']}px; pos_embed: "
                         "the stored FP8 table; x_embedder: a Conv2d, emulated)", header, rows)
-        lines += ["", "Memory-budget factors (output err^2 per layer err^2; sd35_fp8/quant/sensitivity.json): " +
+        lines += ["", "Memory-budget factors (output err^2 per layer err^2; quant/sensitivity.json): " +
                   ", ".join(f"{g} {f:.3g}" for g, f in r["factors"].items()), ""]
     return lines
 

@@ -80,9 +80,11 @@ def comfy_nodes(comfy_dir: Path, comfy_base: Path) -> dict:
     fixture's smaller config (tiny_sd35.use_tiny_t5xxl)."""
     comfy_host.boot(comfy_dir, comfy_base)
     tiny_sd35.use_tiny_t5xxl()
-    yield comfy_host.load_nodes(PACK_NAME)
-    assert Path(sys.modules["sd35_fp8"].__file__).resolve() == REPO / "sd35_fp8" / "__init__.py"
-    second = sorted(name for name in sys.modules if name.endswith((".quant.formats", ".nodes.fp8_ops"))
+    yield comfy_host.load_nodes(REPO)
+    assert Path(sys.modules["sd35_fp8"].__file__).resolve() == REPO / "__init__.py"
+    assert Path(sys.modules["nodes"].__file__).resolve() == comfy_dir.resolve() / "nodes.py"  # ComfyUI's, not ours
+    assert not [p for p in sys.path if Path(p or ".").resolve() == REPO], "the repository root is on sys.path"
+    second = sorted(name for name in sys.modules if f".{name}".endswith((".quant.formats", ".nodes.fp8_ops"))
                     and not name.startswith("sd35_fp8."))
     assert not second, f"the pack's code was imported a second time, under another name: {second}"
 
@@ -120,7 +122,7 @@ def tiny_lora(comfy_base, fixture_files) -> str:
     """A LoRA for the tiny Large fixture: diffusers keys on the fused qkv (sliced patches) and a native key.
 
     Its update is ~20% of the weights' size, like real LoRAs; it widens many rows' range, so re-quantizing with
-    the old scale would clip it (FP8 layers take a fresh scale under a LoRA, sd35_fp8/nodes/fp8_ops.py)."""
+    the old scale would clip it (FP8 layers take a fresh scale under a LoRA, nodes/fp8_ops.py)."""
     layers = {f"transformer.transformer_blocks.0.attn.{proj}": "attn"
               for proj in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
     for block in (0, 1):

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -185,29 +186,67 @@ class CustomNodeImportError(RuntimeError):
     pass
 
 
-def load_nodes(pack_name: str = "comfyui-sd35-fp8") -> dict:
-    """Load built-in and custom nodes; raise if our pack failed to import (ComfyUI only logs a custom node's import
-    failure and goes on, so this turns the log line into an exception)."""
+# The lines ComfyUI (0.3.75, 0.8.0: nodes.load_custom_node / init_external_custom_nodes) logs when a custom node
+# fails; each names the failed module by its path.
+_FAILURE_LINES = (
+    re.compile(r"Cannot import (.+?) module for custom nodes: "),
+    re.compile(r"Error while calling comfy_entrypoint in (.+?): "),
+    re.compile(r"comfy_entrypoint in (.+?) (?:is not callable|did not return)"),
+    re.compile(r"Skip (.+?) module for custom nodes due to"),
+    re.compile(r"\(IMPORT FAILED\): (.+)$"),
+)
+
+
+def _same_folder(path: str, folder: Path) -> bool:
+    try:
+        return Path(path.strip()).resolve() == folder
+    except (OSError, ValueError):
+        return False
+
+
+def pack_import_failures(messages: list[str], pack_dir: str | Path) -> list[str]:
+    """The messages of ComfyUI's log that report the custom node at `pack_dir` failing, each with the traceback
+    logged just before it. A message counts when the module path it names is the pack's folder (paths resolved: a
+    link in custom_nodes/ is the folder it points to). Nothing else in a line matters, so neither the checkout's
+    folder name nor the host's own failing modules (its optional nodes, unpacked inside the checkout's .cache/)
+    can pass for the pack."""
+    pack = Path(pack_dir).resolve()
+    found = []
+    for i, message in enumerate(messages):
+        for line in message.splitlines():
+            match = next((m for m in (p.search(line) for p in _FAILURE_LINES) if m), None)
+            if match and _same_folder(match.group(1), pack):
+                before = messages[i - 1] if i and messages[i - 1].lstrip().startswith("Traceback") else ""
+                found.append(before + message)
+                break
+    return found
+
+
+def load_nodes(pack_dir: str | Path = REPO) -> dict:
+    """Load built-in and custom nodes; raise if the pack at `pack_dir` (default: this checkout) failed to import or
+    was not loaded. ComfyUI only logs a custom node's import failure and goes on: this reads its log and its
+    loaded-module list by the pack's folder (pack_import_failures), never by a name."""
     import nodes
 
-    failures: list[str] = []
+    messages: list[str] = []
 
     class Catch(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            msg = record.getMessage()
-            if pack_name in msg and ("Cannot import" in msg or "IMPORT FAILED" in msg or "comfy_entrypoint" in msg):
-                failures.append(msg + ("\n" + record.exc_text if record.exc_text else ""))
+            messages.append(record.getMessage() + ("\n" + record.exc_text if record.exc_text else ""))
 
-    handler = Catch()
+    handler = Catch(logging.WARNING)
     logging.getLogger().addHandler(handler)
     try:
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     finally:
         logging.getLogger().removeHandler(handler)
+    failures = pack_import_failures(messages, pack_dir)
     if failures:
-        raise CustomNodeImportError("custom node pack failed to import:\n" + "\n".join(failures))
-    if not any(Path(d).name == pack_name for d in nodes.LOADED_MODULE_DIRS.values()):
-        raise CustomNodeImportError(f"{pack_name} was not loaded; loaded: {sorted(nodes.LOADED_MODULE_DIRS)}")
+        raise CustomNodeImportError(f"custom node pack {pack_dir} failed to import:\n" + "\n".join(failures))
+    pack = Path(pack_dir).resolve()
+    if not any(_same_folder(d, pack) for d in nodes.LOADED_MODULE_DIRS.values()):
+        raise CustomNodeImportError(f"{pack} was not loaded (is it linked into custom_nodes/?); loaded: "
+                                    f"{sorted(nodes.LOADED_MODULE_DIRS.values())}")
     return nodes.NODE_CLASS_MAPPINGS
 
 

@@ -1,4 +1,4 @@
-"""compute=comfyui_native: the loaders hand ComfyUI its own FP8 layout (sd35_fp8/nodes/native.py).
+"""compute=comfyui_native: the loaders hand ComfyUI its own FP8 layout (nodes/native.py).
 
 The same plan and report as the pack's own layers, the same FP8 bits, but the model is built from ComfyUI's
 mixed-precision ops, as a stock loader builds it from a file Save FP8 Model wrote; on ComfyUI 0.8.0, also in

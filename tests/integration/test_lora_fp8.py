@@ -1,7 +1,7 @@
 """A LoRA on an FP8 model: as close to FP16 + LoRA as the LoRA merged before quantizing, and undone exactly.
 
 One denoiser call on fixed inputs, for each way ComfyUI applies a LoRA: merged into the weights (the layer
-re-quantizes the patched weight, sd35_fp8/nodes/fp8_ops.py) and low-VRAM (patches applied at run time, per forward).
+re-quantizes the patched weight, nodes/fp8_ops.py) and low-VRAM (patches applied at run time, per forward).
 The reference for "as close as" is the LoRA merged into the 16-bit weights, then quantized like the loader does.
 """
 

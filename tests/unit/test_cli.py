@@ -1,4 +1,5 @@
-"""python -m sd35_fp8.quant convert / inspect end to end on a fixture."""
+"""The engine's CLI (`sd35-fp8` / `python -m sd35_fp8.quant` once installed: tests/unit/test_packaging.py) convert /
+inspect end to end on a fixture, run from this checkout (`tools` registers it as the package sd35_fp8)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sd35_fp8.quant", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    script = "import tools; from sd35_fp8.quant.cli import main; raise SystemExit(main())"
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def test_convert_then_inspect(fixture_files, tmp_path):

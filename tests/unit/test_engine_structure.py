@@ -1,6 +1,6 @@
 """The engine's modules import one another one way (a DAG), and none hides an import of a quant module inside a function
 (the way an import loop is dodged). optimum-quanto, an optional dependency, may be imported inside a function.
-docs/ARCHITECTURE.md names every file of sd35_fp8/quant/, sd35_fp8/nodes/ and tools/ in its folder's table."""
+docs/ARCHITECTURE.md names every file of quant/, nodes/ and tools/ in its folder's table."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-QUANT = REPO / "sd35_fp8" / "quant"
+QUANT = REPO / "quant"
 
 
 def _quant_imports(node: ast.AST) -> set[str]:
-    """The quant modules an import statement names (relative imports inside sd35_fp8/quant/)."""
+    """The quant modules an import statement names (relative imports inside quant/)."""
     if isinstance(node, ast.ImportFrom) and node.level == 1:
         return {node.module} if node.module else {alias.name for alias in node.names}
     if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sd35_fp8.quant."):
@@ -54,7 +54,7 @@ def test_quant_modules_form_a_dag_without_hidden_imports():
     graph, hidden = _graph()
     assert {"plan", "engine", "decision", "report", "budget", "streaming"} <= set(graph)
     assert graph["decision"] == set() and "plan" not in graph["budget"] and "budget" not in graph["report"]
-    assert _cycle(graph) is None, f"import cycle in sd35_fp8/quant/: {' -> '.join(_cycle(graph))}"
+    assert _cycle(graph) is None, f"import cycle in quant/: {' -> '.join(_cycle(graph))}"
     assert not hidden, f"imports of quant modules inside functions: {hidden}"
 
 
@@ -68,7 +68,7 @@ def test_the_cycle_finder_finds_a_cycle_and_a_hidden_import():
 
 def test_architecture_names_every_file_of_quant_nodes_and_tools():
     doc = (REPO / "docs" / "ARCHITECTURE.md").read_text()
-    for folder in ("sd35_fp8/quant", "sd35_fp8/nodes", "tools"):
+    for folder in ("quant", "nodes", "tools"):
         section = doc.split(f"## {folder}/ file by file")[1].split("\n## ")[0]
         named = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
         files = {p.name for p in (REPO / folder).iterdir() if p.suffix in (".py", ".json")}

@@ -14,9 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_wheel_holds_the_package_and_its_cli_runs_from_anywhere(tmp_path):
     source = tmp_path / "source"  # setuptools writes build/ beside pyproject.toml: build a copy, not the checkout
-    shutil.copytree(REPO / "sd35_fp8", source / "sd35_fp8", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns("__pycache__", ".*", "build", "*.egg-info"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"),
                             str(source)], capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
@@ -24,7 +22,8 @@ def test_wheel_holds_the_package_and_its_cli_runs_from_anywhere(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"sd35_fp8/__init__.py", "sd35_fp8/quant/cli.py", "sd35_fp8/quant/sensitivity.json",
             "sd35_fp8/nodes/loaders.py"} <= names
-    assert not [n for n in names if n.split("/")[0] in ("tests", "bench", "tools", "quant", "nodes")], names
+    assert {n.split("/")[0] for n in names} == {"sd35_fp8", wheel.name.split("-py")[0] + ".dist-info"}, names
+    assert not [n for n in names if n.split("/")[1] in ("tests", "bench", "tools", "web", "workflows", "docs")], names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "sd35-fp8 = sd35_fp8.quant.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
@@ -68,7 +67,7 @@ def test_comfyui_entry_registers_the_package_once_and_imports_comfy_only_when_as
     done = _import_entry()
     assert done.returncode == 0, done.stderr[-3000:]
     where, flags = done.stdout.splitlines()
-    assert where == str(REPO / "sd35_fp8" / "__init__.py")
+    assert where == str(REPO / "__init__.py")
     assert flags == "False True ./web"
 
 
@@ -79,4 +78,4 @@ def test_comfyui_entry_refuses_a_second_copy_of_the_package(tmp_path):
     done = _import_entry(f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import sd35_fp8\n")
     assert done.returncode != 0
     assert "ImportError: another 'sd35_fp8' is already imported from " + str(other) in done.stderr
-    assert str(REPO / "sd35_fp8") in done.stderr
+    assert f"its own copy from {REPO}." in done.stderr

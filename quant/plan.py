@@ -3,7 +3,7 @@
 A plan is made from the tensors' names, shapes and dtypes plus a QuantConfig, before any weight is read, so a
 file's header, an in-memory state dict, a torch module and a ComfyUI model are planned alike. Every rule lives
 here or in policy.py (presets, patterns, variant detection); the drivers (streaming.py for files and state
-dicts, quantize.py for torch modules, the pack's sd35_fp8/nodes/patching.py for ComfyUI models) hand their tensors to
+dicts, quantize.py for torch modules, the pack's nodes/patching.py for ComfyUI models) hand their tensors to
 engine.run_plan, which calls `apply` for each, and build their output from what it returns. A report column is
 added in report.py and filled in `LayerReport.of`.
 """

@@ -1,5 +1,5 @@
 """ComfyUI adapters in ComfyUI's V3 schema (comfy_api v0_0_2, which both tested hosts ship): one file per concern,
-each node a thin shell over sd35_fp8/quant/. Node ids, input names, defaults, option lists and output order are a public
+each node a thin shell over quant/. Node ids, input names, defaults, option lists and output order are a public
 contract (shared workflows name them; README, "Nodes")."""
 
 from __future__ import annotations

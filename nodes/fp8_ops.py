@@ -2,7 +2,7 @@
 
 The seam is ComfyUI's own: an ops class passed as model_options["custom_operations"]
 (loaders) or a Linear built from it and swapped in with an object patch on a cloned
-ModelPatcher (the quantize node). Math lives in sd35_fp8/quant/; this file only adapts it to
+ModelPatcher (the quantize node). Math lives in quant/; this file only adapts it to
 ComfyUI's conventions:
 - weights are created uninitialised (no pages touched) and replaced from the state dict,
   so loading never fills a 16-bit copy of a layer that arrives in FP8;

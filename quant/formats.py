@@ -1,7 +1,7 @@
 """FP8 number formats and the absmax-scaled quantize/dequantize math.
 
 Pure tensor math: no modules, no files, never imports comfy. Everything else in
-sd35_fp8/quant/ builds on `quantize_weight` and `dequantize_weight`.
+quant/ builds on `quantize_weight` and `dequantize_weight`.
 
 Convention (the same as ComfyUI's `weight_scale`): real_weight = fp8_weight * scale,
 with `scale` float32 of shape [out, 1] (per output channel) or [] (per tensor).

@@ -19,7 +19,7 @@ import torch
 from ..quant.formats import is_fp8
 
 # A weight re-quantized under a patch (LoRA) carries its own scale as this attribute of its Parameter
-# (sd35_fp8/nodes/fp8_ops.py): the layer's `weight_scale` belongs to the unpatched weight.
+# (nodes/fp8_ops.py): the layer's `weight_scale` belongs to the unpatched weight.
 OWN_SCALE = "fp8_scale"
 
 # comfy-kitchen / ComfyUI layout names whose data is float8 with one scale per tensor (or per channel)
