@@ -154,10 +154,16 @@ class FP8OpsLinear(FP8LinearMixin, comfy.ops.manual_cast.Linear):
             setattr(self.weight, OWN_SCALE, fn(own))
         return out
 
+    def saved_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The FP8 weight and scale a state dict writes for this layer: the weight the layer holds now, with its
+        own scale (a merged LoRA's, while one is applied)."""
+        return self.weight, self.current_scale()
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.is_fp8:  # the scale of the weight written beside it (a merged LoRA's, while one is applied)
-            scale = self.current_scale()
+        if self.is_fp8:
+            weight, scale = self.saved_weight()
+            destination[prefix + "weight"] = weight if keep_vars else weight.detach()
             destination[prefix + "weight_scale"] = scale if keep_vars else scale.detach()
 
 
