@@ -19,8 +19,9 @@ from ..quant.engine import run_plan
 from ..quant.plan import make_plan
 from ..quant.report import Report
 from .common import progress_callback
-from .fp8_ops import make_fp8_ops, ops_linear_holding, recompute_hook_patches
+from .fp8_ops import make_fp8_ops, ops_linear_holding
 from .host_fp8 import fp8_weight, is_linear
+from .runtime_patches import use_fp8_patcher
 
 
 def _original_weight(patcher, key: str, module: torch.nn.Module) -> torch.Tensor:
@@ -44,7 +45,7 @@ def quantize_modules(patcher, root_attr: str, config: QuantConfig, *, text_encod
     # The clone runs different modules for the same weight keys: a new uuid makes ComfyUI re-apply weight
     # patches (LoRA) to them instead of assuming the ones already applied for the input model still hold.
     clone.patches_uuid = uuid.uuid4()
-    recompute_hook_patches(clone)
+    use_fp8_patcher(clone)
     root = comfy.utils.get_attr(patcher.model, root_attr) if root_attr else patcher.model
     prefix = f"{root_attr}." if root_attr else ""
     # clones share one module tree; get_model_object looks through an applied clone's object patches

@@ -100,6 +100,12 @@ def pack(comfy_nodes):
     return sys.modules[next(name for name in sys.modules if name.endswith(f"/{PACK_NAME}"))]
 
 
+# The fixture LoRAs' factors are drawn with this standard deviation: strong LoRAs, which move one denoiser call of
+# the tiny Large fixture by ~40% at strength 1 (tests/integration/test_lora_fp8.py checks >= 30%), so that FP8's own
+# error (~2%) cannot hide what a route does to the LoRA.
+LORA_FACTOR_STD = 0.5
+
+
 def _write_lora(comfy_base: Path, fixture_files: dict, name: str, seed: int, layers: dict[str, str]) -> str:
     """A rank-4 LoRA for the tiny Large fixture, {key: "attn" | "mlp"} (an attn key is hidden x hidden, an mlp key
     4 hidden x hidden), saved under models/loras; returns its name."""
@@ -109,8 +115,8 @@ def _write_lora(comfy_base: Path, fixture_files: dict, name: str, seed: int, lay
     tensors = {}
     for key, kind in layers.items():
         out_f = 4 * hidden if kind == "mlp" else hidden
-        tensors[f"{key}.lora_down.weight"] = (torch.randn(rank, hidden, generator=gen) * 0.1).half()
-        tensors[f"{key}.lora_up.weight"] = (torch.randn(out_f, rank, generator=gen) * 0.1).half()
+        tensors[f"{key}.lora_down.weight"] = (torch.randn(rank, hidden, generator=gen) * LORA_FACTOR_STD).half()
+        tensors[f"{key}.lora_up.weight"] = (torch.randn(out_f, rank, generator=gen) * LORA_FACTOR_STD).half()
         tensors[f"{key}.alpha"] = torch.tensor(float(rank))
     path = comfy_base / "models" / "loras" / name
     save_file(tensors, str(path))
@@ -121,8 +127,8 @@ def _write_lora(comfy_base: Path, fixture_files: dict, name: str, seed: int, lay
 def tiny_lora(comfy_base, fixture_files) -> str:
     """A LoRA for the tiny Large fixture: diffusers keys on the fused qkv (sliced patches) and a native key.
 
-    Its update is ~20% of the weights' size, like real LoRAs; it widens many rows' range, so re-quantizing with
-    the old scale would clip it (FP8 layers take a fresh scale under a LoRA, nodes/fp8_ops.py)."""
+    A strong LoRA (LORA_FACTOR_STD): it widens most patched rows' range, so a merge re-quantizing with the old
+    scale would clip it (a merge takes a fresh scale, nodes/fp8_ops.py; the FP8 layers apply it at run time)."""
     layers = {f"transformer.transformer_blocks.0.attn.{proj}": "attn"
               for proj in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
     for block in (0, 1):

@@ -1,8 +1,11 @@
-"""A LoRA on an FP8 model: as close to FP16 + LoRA as the LoRA merged before quantizing, and undone exactly.
+"""A LoRA on an FP8 model: applied at run time, never rounded into FP8, at least as close to FP16 + LoRA as the LoRA
+merged before quantizing, and undone exactly.
 
-One denoiser call on fixed inputs, for each way ComfyUI applies a LoRA: merged into the weights (the layer
-re-quantizes the patched weight, nodes/fp8_ops.py) and low-VRAM (patches applied at run time, per forward).
-The reference for "as close as" is the LoRA merged into the 16-bit weights, then quantized like the loader does.
+One denoiser call on fixed inputs, for each way ComfyUI applies a LoRA to our layers: a normal load and a low-VRAM
+load (both: patches applied per forward, nodes/runtime_patches.py), and a load that forces patches into the weights
+(what save nodes ask for: merged, the patched weight re-quantized once, nodes/fp8_ops.py). The reference for "as
+close as" is the LoRA merged into the 16-bit weights, then quantized like the loader does ("LoRA-then-quantize").
+The fixture LoRAs are strong (tests/conftest.py, LORA_FACTOR_STD): FP8's own error cannot hide what a route does.
 """
 
 from __future__ import annotations
@@ -12,19 +15,21 @@ import importlib
 import pytest
 import torch
 from helpers import fp8_layers, host_quantized_layers, same_bits, snapshot
-from prompts import encode, fp8_loader, ksampler, quantize_model, show
+from prompts import dm_loader, encode, fp8_loader, ksampler, quantize_model, show
+from safetensors.torch import save_file
 
 from tools import comfy_host
 
 CPU = torch.device("cpu")
-MAX_RATIO = 1.5  # issue 25's goal: FP8 + LoRA errs at most 1.5x what LoRA-then-quantize errs (it was 5.4x)
-# The fixture LoRAs at this strength change one denoiser call by ~19% (one) and ~24% (both): a strong LoRA,
-# widening most patched rows' range, which re-quantizing with the old scale clipped (7x LoRA-then-quantize's
-# error). At 1.0 their effect on one call (~1%) hides under FP8's own error (~2%).
-STRENGTH = 12.0
+STRENGTHS = (0.5, 1.0, 2.0)
+MIN_EFFECT = 0.30  # the fixture LoRA moves one denoiser call, and the sampled latent, by at least this at strength 1
+SAVED_MAX_RATIO = 1.05  # a saved FP8 model with a LoRA (merged, rounded once) vs LoRA-then-quantize
+# ComfyUI's own FP8 layers (the stock loader on our file) merge a LoRA themselves, re-rounding W + dW into FP8:
+# 1.78x LoRA-then-quantize with the fixture LoRA at strength 1 (0.3.75 and 0.8.0, 2026-12-07)
+STOCK_MAX_RATIO = 2.0
 
 
-def _lora(model: list, name: str, strength: float = STRENGTH) -> dict:
+def _lora(model: list, name: str, strength: float = 1.0) -> dict:
     return {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model, "lora_name": name,
                                                              "strength_model": strength}}
 
@@ -38,16 +43,17 @@ def _inputs(model) -> dict:
             "y": torch.randn(1, dm.y_embedder.mlp[0].in_features, generator=gen)}
 
 
-def denoise(patcher, lowvram: bool = False) -> torch.Tensor:
-    """One call of the diffusion model as `patcher` applies it: LoRA merged, or (lowvram) applied per forward."""
+def denoise(patcher, lowvram: bool = False, merge: bool = False) -> torch.Tensor:
+    """One call of the diffusion model as `patcher` applies it: a normal load, a low-VRAM load, or (merge) a load
+    that forces the patches into the weights."""
     import comfy.model_management
 
     with torch.inference_mode():
         comfy.model_management.unload_all_models()
-        patcher.patch_model(CPU, lowvram_model_memory=1 if lowvram else 0)
+        patcher.patch_model(CPU, lowvram_model_memory=1 if lowvram else 0, force_patch_weights=merge)
         try:
             if lowvram:
-                assert patcher.model.model_lowvram, "the low-VRAM load merged the patches"
+                assert patcher.model.model_lowvram, "the low-VRAM load did not offload"
             return patcher.model.diffusion_model(**_inputs(patcher)).float()
         finally:
             patcher.unpatch_model(CPU)
@@ -81,37 +87,50 @@ def lora_then_quantize(pack, fp8_model, lora16_model, scaling: str | None = None
     return clone
 
 
+def _key(stack: str, strength: float) -> str:
+    return f"{stack}@{strength}"
+
+
 @pytest.fixture(scope="module")
 def models(runner, fixture_files, tiny_lora, second_lora, pack) -> dict:
+    """FP16 ("16:") and FP8 ("8:") models with one LoRA or two stacked at each strength, LoRA-then-quantize ("ltq:")."""
     ckpt = fixture_files["large_all_in_one"].name
     prompt = {"ck": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}, "ld": fp8_loader(ckpt),
-              "l16": _lora(["ck", 0], tiny_lora), "l8": _lora(["ld", 0], tiny_lora),
-              "l16b": _lora(["l16", 0], second_lora), "l8b": _lora(["l8", 0], second_lora),
               # model strength 0 with a clip strength: ComfyUI adds the model's patches at strength 0
               "l8z": {"class_type": "LoraLoader", "inputs": {"model": ["ld", 0], "clip": ["ld", 1],
                                                               "lora_name": tiny_lora, "strength_model": 0.0,
                                                               "strength_clip": 1.0}}}
+    for i, strength in enumerate(STRENGTHS):
+        for base, tag in (("ck", 16), ("ld", 8)):
+            prompt[f"{tag}one{i}"] = _lora([base, 0], tiny_lora, strength)
+            prompt[f"{tag}two{i}"] = _lora([f"{tag}one{i}", 0], second_lora, strength)
     nodes = list(prompt)
     prompt.update({f"o_{node}": show([node, 0]) for node in nodes})
     runner.run(prompt)
-    out = {node: runner.node_outputs(node)[0] for node in nodes}
-    out["ltq"] = lora_then_quantize(pack, out["ld"], out["l16"])
-    out["ltq_b"] = lora_then_quantize(pack, out["ld"], out["l16b"])
+    out = {node: runner.node_outputs(node)[0] for node in ("ck", "ld", "l8z")}
+    for i, strength in enumerate(STRENGTHS):
+        for stack in ("one", "two"):
+            key = _key(stack, strength)
+            out[f"16:{key}"], out[f"8:{key}"] = (runner.node_outputs(f"{tag}{stack}{i}")[0] for tag in (16, 8))
+            out[f"ltq:{key}"] = lora_then_quantize(pack, out["ld"], out[f"16:{key}"])
     return out
 
 
-@pytest.mark.parametrize("lowvram", [False, True], ids=["merged", "lowvram"])
+@pytest.mark.parametrize("lowvram", [False, True], ids=["loaded", "lowvram"])
 @pytest.mark.parametrize("stack", ["one", "two"])
-def test_fp8_lora_is_as_close_to_fp16_lora_as_lora_then_quantize(models, lowvram, stack):
-    suffix = "" if stack == "one" else "b"
-    ref = denoise(models[f"l16{suffix}"])
-    without = denoise(models["ck"])
-    assert _error(without, ref) > 0.15, _error(without, ref)  # else the LoRA hides under FP8's error
-    ltq = _error(denoise(models[f"ltq{'' if stack == 'one' else '_b'}"]), ref)
-    ours = _error(denoise(models[f"l8{suffix}"], lowvram=lowvram), ref)
-    print(f"{comfy_host.host_label()} {stack} lowvram={lowvram}: LoRA effect {_error(without, ref):.4f}, "
+@pytest.mark.parametrize("strength", STRENGTHS)
+def test_fp8_lora_errs_no_more_than_lora_then_quantize(models, strength, stack, lowvram):
+    """Quantize, then LoRA (at run time) is at least as close to FP16 + LoRA as LoRA, then quantize."""
+    key = _key(stack, strength)
+    ref = denoise(models[f"16:{key}"])
+    effect = _error(denoise(models["ck"]), ref)
+    if strength == 1.0:
+        assert effect >= MIN_EFFECT, f"the LoRA moves the output by {effect:.3f} only: it would prove nothing"
+    ltq = _error(denoise(models[f"ltq:{key}"]), ref)
+    ours = _error(denoise(models[f"8:{key}"], lowvram=lowvram), ref)
+    print(f"{comfy_host.host_label()} {stack} LoRA(s) at {strength} lowvram={lowvram}: LoRA effect {effect:.4f}, "
           f"LoRA-then-quantize {ltq:.4f}, FP8 + LoRA {ours:.4f} ({ours / ltq:.2f}x)")
-    assert ours <= MAX_RATIO * ltq, (ours, ltq)
+    assert ours <= ltq, (ours, ltq)
 
 
 def test_sampled_latent_with_lora_is_as_close_to_fp16_lora_as_lora_then_quantize(runner, fixture_files, tiny_lora,
@@ -138,19 +157,95 @@ def test_sampled_latent_with_lora_is_as_close_to_fp16_lora_as_lora_then_quantize
     errors = {node: _error(latent[node], ref) for node in ("l8", "qa")}
     print(f"{comfy_host.host_label()} latents: LoRA effect {_error(latent['ck'], ref):.4f}, LoRA-then-quantize "
           f"{ltq:.4f}, FP8 + LoRA {errors['l8']:.4f}, LoRA + Quantize Model {errors['qa']:.4f}")
-    assert _error(latent["ck"], ref) > 0.15
-    assert errors["l8"] <= MAX_RATIO * ltq and errors["qa"] <= MAX_RATIO * ltq, (errors, ltq)
+    assert _error(latent["ck"], ref) >= MIN_EFFECT
+    assert errors["l8"] <= ltq and errors["qa"] <= ltq, (errors, ltq)
+
+
+def test_a_lora_is_a_branch_beside_the_fp8_matmul_and_never_touches_the_weight(models):
+    """While a LoRA is applied (normal load), each patched FP8 layer keeps its FP8 weight and scale bit for bit, and
+    its output is fp8_linear(x) + the LoRA's exact update (ComfyUI's own calculate_weight on the real weight)."""
+    import comfy.lora
+    import comfy.model_management
+
+    patched = models[f"8:{_key('two', 1.0)}"]
+    before = snapshot(models["ld"])
+    x = torch.randn(3, 5, 256, generator=torch.Generator().manual_seed(1))
+    checked = 0
+    with torch.inference_mode():
+        comfy.model_management.unload_all_models()
+        patched.patch_model(CPU, lowvram_model_memory=0)
+        try:
+            assert same_bits(before, {k: v.detach().clone() for k, v in
+                                      patched.model.diffusion_model.state_dict().items()})
+            for name, layer in fp8_layers(patched).items():
+                key = f"diffusion_model.{name}.weight"
+                if key not in patched.patches:
+                    continue
+                assert layer.runtime_patches is not None and layer.runtime_patches[0] == key
+                inp = x[..., :layer.in_features] if layer.in_features <= x.shape[-1] else \
+                    torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(2))
+                real = layer.weight.float() * layer.weight_scale
+                expected = torch.nn.functional.linear(
+                    inp, comfy.lora.calculate_weight(patched.patches[key], real.clone(), key), layer.bias.float())
+                got = layer(inp)
+                assert _error(got, expected) < 1e-5, (name, _error(got, expected))
+                checked += 1
+        finally:
+            patched.unpatch_model(CPU)
+    assert checked >= 6  # qkv (six sliced patches), fc1 and attn.proj of two blocks, the second LoRA's layers
+    assert same_bits(before, snapshot(models["ld"]))
+
+
+@pytest.fixture(scope="module")
+def other_patch_types(comfy_base, fixture_files) -> str:
+    """A LyCORIS-style file: LoHa on two fc1 layers and a full diff on an attention output (ComfyUI loads both)."""
+    hidden = 64 * fixture_files["manifest"]["files"]["large"]["mmdit"]["depth"]
+    gen = torch.Generator().manual_seed(7)
+    rank, tensors = 4, {}
+    for block in (0, 1):
+        key = f"diffusion_model.joint_blocks.{block}.x_block.mlp.fc1"
+        for part, (rows, cols) in {"w1_a": (4 * hidden, rank), "w1_b": (rank, hidden), "w2_a": (4 * hidden, rank),
+                                   "w2_b": (rank, hidden)}.items():
+            tensors[f"{key}.hada_{part}"] = (torch.randn(rows, cols, generator=gen) * 0.8).half()
+        tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    tensors["diffusion_model.joint_blocks.0.x_block.attn.proj.diff"] = \
+        (torch.randn(hidden, hidden, generator=gen) * 0.1).half()
+    path = comfy_base / "models" / "loras" / "tiny_sd35_large_loha_diff.safetensors"
+    save_file(tensors, str(path))
+    return path.name
+
+
+def test_other_patch_types_apply_at_run_time_on_the_dequantized_weight(runner, fixture_files, other_patch_types,
+                                                                       models, pack):
+    """LoHa and diff patches are not low-rank: the layer applies them to its dequantized weight in the forward.
+    The FP8 weights stay as they are, and the result is as close to FP16 + the same patches as patch-then-quantize."""
+    ckpt = fixture_files["large_all_in_one"].name
+    runner.run({"ck": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+                "ld": fp8_loader(ckpt), "p16": _lora(["ck", 0], other_patch_types),
+                "p8": _lora(["ld", 0], other_patch_types), "o16": show(["p16", 0]), "o8": show(["p8", 0])})
+    p16, p8 = runner.node_outputs("p16")[0], runner.node_outputs("p8")[0]
+    assert len([k for k in p8.patches if k.startswith("diffusion_model.")]) == 3
+    ref = denoise(p16)
+    effect = _error(denoise(models["ck"]), ref)
+    ltq = _error(denoise(lora_then_quantize(pack, models["ld"], p16)), ref)
+    before = snapshot(models["ld"])
+    for lowvram in (False, True):
+        ours = _error(denoise(p8, lowvram=lowvram), ref)
+        print(f"{comfy_host.host_label()} LoHa + diff lowvram={lowvram}: effect {effect:.4f}, patch-then-quantize "
+              f"{ltq:.4f}, FP8 + patches {ours:.4f} ({ours / ltq:.2f}x)")
+        assert effect >= MIN_EFFECT and ours <= ltq, (effect, ours, ltq)
+    assert same_bits(before, snapshot(models["ld"]))
 
 
 def test_hook_lora_never_copies_a_cached_real_weight_into_fp8(runner, fixture_files, tiny_lora, monkeypatch):
     """A hook LoRA (Create Hook LoRA -> Cond Set Props) on the positive prompt only: two hook groups, so ComfyUI
     applies the hook at every step. In its default MaxSpeed mode it would, from the second step on, copy the
     patched weight it cached (real float32 values) straight into the FP8 weight, bypassing set_weight; our models
-    recompute it through set_weight instead (fp8_ops.recompute_hook_patches), and the FP8 model is the same after."""
+    recompute it through set_weight instead (runtime_patches.use_fp8_patcher), and the FP8 model is the same after."""
     import comfy.model_patcher
 
     ckpt = fixture_files["large_all_in_one"].name
-    hook = {"class_type": "CreateHookLora", "inputs": {"lora_name": tiny_lora, "strength_model": STRENGTH,
+    hook = {"class_type": "CreateHookLora", "inputs": {"lora_name": tiny_lora, "strength_model": 1.0,
                                                        "strength_clip": 0.0}}
     hooked = {"class_type": "ConditioningSetProperties", "inputs": {"cond_NEW": ["p", 0], "strength": 1.0,
                                                                      "set_cond_area": "default", "hooks": ["hk", 0]}}
@@ -179,32 +274,34 @@ def test_hook_lora_never_copies_a_cached_real_weight_into_fp8(runner, fixture_fi
 
 
 def test_unpatching_restores_the_fp8_model_bit_for_bit(models):
-    """Every tensor of the FP8 model, scales included, is the same after its LoRA branches ran in both modes;
-    no layer is left holding a LoRA-patched weight's own scale; strength 0 is no LoRA at all."""
+    """Every tensor of the FP8 model, scales included, is the same after its LoRA branches ran at run time (both
+    loads) and merged; no layer is left holding a patch or a patched weight's own scale; strength 0 is no LoRA."""
     plain = models["ld"]
     before, out_before = snapshot(plain), denoise(plain)
-    for node in ("l8", "l8b"):
-        for lowvram in (False, True):
-            denoise(models[node], lowvram=lowvram)
+    for stack in ("one", "two"):
+        for lowvram, merge in ((False, False), (True, False), (False, True)):
+            denoise(models[f"8:{_key(stack, 1.0)}"], lowvram=lowvram, merge=merge)
     assert same_bits(before, snapshot(plain))
     layers = fp8_layers(plain)
     assert layers and all(getattr(m.weight, "fp8_scale", None) is None for m in layers.values())
+    assert all(m.runtime_patches is None for m in layers.values())
     assert torch.equal(denoise(plain), out_before)
     for lowvram in (False, True):
         assert torch.equal(denoise(models["l8z"], lowvram=lowvram), out_before), f"strength 0, lowvram={lowvram}"
 
 
 def test_merged_lora_carries_its_scale_into_state_dict_and_back(models):
-    """While a LoRA is merged, a patched layer's state dict (what Save FP8 Model and ComfyUI's save read) pairs its
-    weight with the scale it was quantized with; the unpatched scale is back once the patch is undone."""
+    """Where a merge is asked for (save nodes force patches into the weights), a patched layer's state dict (what
+    Save FP8 Model and ComfyUI's save read) pairs its weight with the scale it was re-quantized with; the unpatched
+    scale is back once the patch is undone."""
     import comfy.model_management
 
-    patched = models["l8"]
+    patched = models[f"8:{_key('one', 1.0)}"]
     name = "joint_blocks.0.x_block.mlp.fc1"
     before = snapshot(models["ld"])
     with torch.inference_mode():
         comfy.model_management.unload_all_models()
-        patched.patch_model(CPU, lowvram_model_memory=0)
+        patched.patch_model(CPU, lowvram_model_memory=0, force_patch_weights=True)
         try:
             layer = patched.get_model_object(f"diffusion_model.{name}")
             sd = layer.state_dict()
@@ -220,17 +317,18 @@ def test_merged_lora_carries_its_scale_into_state_dict_and_back(models):
 
 
 def test_convert_weight_scales_the_bits_it_is_given_while_a_lora_is_merged(models):
-    """ModelPatcher hands convert_weight either a copy of the layer's current (patched) bits or its backup of the
-    unpatched ones (get_key_patches, used by the model-merge nodes): each is scaled with its own scale."""
+    """While a LoRA is merged, ModelPatcher hands convert_weight either a copy of the layer's current (patched) bits
+    or its backup of the unpatched ones (get_key_patches, used by the model-merge nodes): each is scaled with its
+    own scale."""
     import comfy.model_management
 
-    patched = models["l8"]
+    patched = models[f"8:{_key('one', 1.0)}"]
     name = "joint_blocks.0.x_block.mlp.fc1"
     before = snapshot(models["ld"])
     original_bits = before[f"{name}.weight"].float()
     with torch.inference_mode():
         comfy.model_management.unload_all_models()
-        patched.patch_model(CPU, lowvram_model_memory=0)
+        patched.patch_model(CPU, lowvram_model_memory=0, force_patch_weights=True)
         try:
             layer = patched.get_model_object(f"diffusion_model.{name}")
             current = layer.convert_weight(layer.weight.float())
@@ -261,8 +359,8 @@ def test_lora_on_our_saved_file_through_the_stock_loader(runner, comfy_base, fix
     ours = importlib.import_module("sd35_fp8.nodes.fp8_ops").FP8OpsLinear
     assert host_quantized_layers(stock), "the stock loader did not build its own FP8 layers"
     assert not any(isinstance(m, ours) for m in stock.model.diffusion_model.modules()), "our layers are involved"
-    ref = denoise(models["l16"])
-    ltq = _error(denoise(lora_then_quantize(pack, models["ld"], models["l16"], "per_tensor")), ref)
+    ref = denoise(models[f"16:{_key('one', 1.0)}"])
+    ltq = _error(denoise(lora_then_quantize(pack, models["ld"], models[f"16:{_key('one', 1.0)}"], "per_tensor")), ref)
     before = snapshot(stock)
     out_before = denoise(stock)
     # the host's own FP8 error without a LoRA: 0.3.75 in FP8-device mode multiplies FP8 x FP8 (it ignores the
@@ -272,53 +370,62 @@ def test_lora_on_our_saved_file_through_the_stock_loader(runner, comfy_base, fix
         err = _error(denoise(stock_lora, lowvram=lowvram), ref)
         print(f"{comfy_host.host_label()} stock loader lowvram={lowvram}: LoRA-then-quantize (per tensor) {ltq:.4f}, "
               f"stock without LoRA {own:.4f}, stock FP8 + LoRA {err:.4f} ({err / max(ltq, own):.2f}x)")
-        assert err <= MAX_RATIO * max(ltq, own), (lowvram, err, ltq, own)
+        assert err <= STOCK_MAX_RATIO * max(ltq, own), (lowvram, err, ltq, own)
     assert same_bits(before, snapshot(stock)) and torch.equal(denoise(stock), out_before)
 
 
-def test_requantization_variants_table(models, pack, monkeypatch):
-    """The README's table: FP8 + LoRA (merged) vs FP16 + LoRA, as a multiple of LoRA-then-quantize's error, with
-    the old scale (before), a fresh scale (now), and a fresh scale with seeded stochastic rounding."""
-    fp8_ops = importlib.import_module("sd35_fp8.nodes.fp8_ops")
-    formats = importlib.import_module("sd35_fp8.quant.formats")
-    fresh = fp8_ops.requantized_weight
+def _saved_and_reloaded(runner, comfy_base, source_prompt: dict, source: list, tag: str, layout: str):
+    """Save FP8 Model's file of `source` (a model in `source_prompt`), read back by the pack's diffusion model
+    loader (which keeps an FP8 file's own scales)."""
+    import folder_paths
 
-    def old(weight, old_scale, dtype):
-        return torch.nn.Parameter(formats.quantize_with_scale(weight, old_scale, formats.format_name(dtype)),
-                                  requires_grad=False)
+    save = {"model": source, "filename_prefix": f"diffusion_models/lora_{tag}", "layout": layout}
+    runner.run({**source_prompt, "save": {"class_type": "SD35FP8SaveModel", "inputs": save}})
+    (path,) = sorted((comfy_base / "output" / "diffusion_models").glob(f"lora_{tag}_*.safetensors"))
+    name = comfy_host.link_model(comfy_base, "diffusion_models", path)
+    folder_paths.filename_list_cache.clear()
+    runner.run({"dm": dm_loader(name), "o": show(["dm", 0])})
+    return runner.node_outputs("dm")[0]
 
-    def stochastic(weight, old_scale, dtype):
-        scale = formats.fresh_scale(weight, old_scale, formats.format_name(dtype))
-        gen = torch.Generator(device=weight.device).manual_seed(int(weight.numel()) + weight.shape[0])
-        new = torch.nn.Parameter(stochastic_fp8(weight.float() / scale, dtype, gen), requires_grad=False)
-        new.fp8_scale = scale
-        return new
 
+def test_lora_routes_table(runner, comfy_base, fixture_files, models, tiny_lora, second_lora, pack):
+    """The README's table: one denoiser call vs FP16 + LoRA (strength 1), for each route a LoRA can take on the FP8
+    model, as a multiple of LoRA-then-quantize's error. Saved: Save FP8 Model's file (the LoRA merged, rounded once)
+    read back by the pack's loader, with the model's own per-channel scales (layout auto), and, from a model loaded
+    per_tensor, in the stock-compatible layout (against LoRA-then-quantize per tensor)."""
+    ckpt = fixture_files["large_all_in_one"].name
     rows = {}
-    for stack, suffix in (("one LoRA", ""), ("two LoRAs", "b")):
-        ref = denoise(models[f"l16{suffix}"])
-        ltq = _error(denoise(models[f"ltq{'_b' if suffix else ''}"]), ref)
-        for variant, function in (("old scale", old), ("fresh scale", fresh), ("fresh + stochastic", stochastic)):
-            monkeypatch.setattr(fp8_ops, "requantized_weight", function)
-            rows[stack, variant] = _error(denoise(models[f"l8{suffix}"]), ref) / ltq
-        rows[stack, "ltq"] = ltq
-    monkeypatch.setattr(fp8_ops, "requantized_weight", fresh)
-    print(f"\n{comfy_host.host_label()}: FP8 + LoRA merged, error vs FP16 + LoRA / LoRA-then-quantize's")
-    for key, value in rows.items():
-        print(f"| {key[0]} | {key[1]} | {value:.4f} |")
-    for stack in ("one LoRA", "two LoRAs"):
-        assert rows[stack, "old scale"] > MAX_RATIO, "the old scale did not clip: the goal would prove nothing"
-        assert rows[stack, "fresh scale"] <= MAX_RATIO
-        assert rows[stack, "fresh scale"] <= rows[stack, "fresh + stochastic"], "stochastic rounding helps: keep it"
-
-
-def stochastic_fp8(scaled: torch.Tensor, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    """`scaled` (within the format's range) to FP8 with stochastic rounding: up or down to the two nearest FP8
-    values with probabilities by distance (unbiased), from `gen`."""
-    finfo = torch.finfo(dtype)
-    mantissa = 3 if dtype == torch.float8_e4m3fn else 2
-    min_exponent = -6 if dtype == torch.float8_e4m3fn else -14
-    exponent = torch.floor(torch.log2(scaled.abs().clamp(min=finfo.tiny))).clamp(min=min_exponent)
-    step = torch.exp2(exponent - mantissa)  # the spacing of FP8 values around each element
-    noise = torch.rand(scaled.shape, generator=gen, device=scaled.device)
-    return (torch.floor(scaled / step + noise) * step).clamp(-finfo.max, finfo.max).to(dtype)
+    for stack, loras in (("one", [tiny_lora]), ("two", [tiny_lora, second_lora])):
+        key = _key(stack, 1.0)
+        prompt = {"ld": fp8_loader(ckpt), "pt": fp8_loader(ckpt, scaling="per_tensor")}
+        for base in ("ld", "pt"):
+            source = [base, 0]
+            for i, lora in enumerate(loras):
+                prompt[f"{base}{i}"], source = _lora(source, lora), [f"{base}{i}", 0]
+        last = len(loras) - 1
+        saved_auto = _saved_and_reloaded(runner, comfy_base, prompt, [f"ld{last}", 0], f"auto_{stack}", "auto")
+        saved_stock = _saved_and_reloaded(runner, comfy_base, prompt, [f"pt{last}", 0], f"stock_{stack}",
+                                          "stock_compatible")
+        runner.run({**prompt, "o": show([f"pt{last}", 0])})
+        per_tensor = runner.node_outputs("pt")[0]
+        ref = denoise(models[f"16:{key}"])
+        ltq_pt = _error(denoise(lora_then_quantize(pack, per_tensor, models[f"16:{key}"])), ref)
+        rows[stack] = {"LoRA, then quantize": _error(denoise(models[f"ltq:{key}"]), ref),
+                       "quantize, then LoRA (run time)": _error(denoise(models[f"8:{key}"]), ref),
+                       "quantize, then LoRA (low VRAM)": _error(denoise(models[f"8:{key}"], lowvram=True), ref),
+                       "merged where asked (save nodes)": _error(denoise(models[f"8:{key}"], merge=True), ref),
+                       "saved (layout auto), reloaded": _error(denoise(saved_auto), ref),
+                       "per tensor: LoRA, then quantize": ltq_pt,
+                       "per tensor: saved (stock_compatible), reloaded": _error(denoise(saved_stock), ref)}
+    print(f"\n{comfy_host.host_label()}: one denoiser call vs FP16 + LoRA at strength 1 (relative L2; x LoRA-then-"
+          "quantize)\n| route | one LoRA | two LoRAs |\n|---|---|---|")
+    for route in rows["one"]:
+        base = "per tensor: LoRA, then quantize" if route.startswith("per tensor") else "LoRA, then quantize"
+        cells = (f"{row[route]:.4f} ({row[route] / row[base]:.2f}x)" for row in rows.values())
+        print(f"| {route} | " + " | ".join(cells) + " |")
+    for stack, row in rows.items():
+        ltq = row["LoRA, then quantize"]
+        assert row["quantize, then LoRA (run time)"] <= ltq and row["quantize, then LoRA (low VRAM)"] <= ltq, stack
+        assert row["saved (layout auto), reloaded"] <= SAVED_MAX_RATIO * ltq, (stack, row)
+        assert row["per tensor: saved (stock_compatible), reloaded"] <= \
+            SAVED_MAX_RATIO * row["per tensor: LoRA, then quantize"], (stack, row)

@@ -1,0 +1,193 @@
+"""Weight patches (LoRA and the rest) on the pack's FP8 layers, applied at run time and never rounded into FP8.
+
+ComfyUI merges a weight patch into the weight when it loads a model (`ModelPatcher.patch_weight_to_device`): for an
+FP8 weight that rounds W + dW into FP8 a second time. The pack's models run on a ModelPatcher that leaves an FP8
+layer's weight as it is and hands the layer its patches instead (`FP8LayerPatcher`); the layer applies them in
+its forward (nodes/fp8_ops.py):
+- a plain LoRA (LoCon on a Linear is the same) as a low-rank branch beside the FP8 matmul,
+  y = fp8_linear(x) + strength * alpha / rank * (x down^T) up^T, so the fast FP8 path stays in use
+  (`LowRankBranch`; every LoRA of a layer in one pair of matmuls, sliced patches such as diffusers' to_q on the
+  fused qkv placed in their rows);
+- anything else (LoHa, LoKr, diff, set, DoRA, a patch function) on the dequantized weight, one layer at a time,
+  with ComfyUI's own `calculate_weight`, as its low-VRAM path does.
+Low-VRAM loads (ComfyUI's `LowVramPatch`) go through the same two routes. Unpatching only drops the patches: the
+FP8 weight was never touched.
+
+A merge happens only where one is asked for, and rounds the patched weight once: a load that forces patches into
+the weights (`force_patch_weights`: ComfyUI's save nodes, Save FP8 Model), and a patch that scales the model's own
+weight (`strength_model` != 1: the model-merge nodes, which blend two models' weights).
+
+The class is swapped on the pack's own ModelPatchers (`use_fp8_patcher`); `clone()` keeps it, so stock LoRA loaders
+and other packs' patch nodes get it too. Hook LoRAs (Create Hook LoRA) run in ComfyUI's MinVram hook mode, which
+recomputes a hook patch through the layer's `set_weight` (the default mode would copy a cached real weight into
+the FP8 weight, without its scale).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import comfy.hooks
+import comfy.lora
+import comfy.model_patcher
+import comfy.utils
+import torch
+
+try:  # both tested hosts have it; the branch is an optimisation, calculate_weight the fallback
+    from comfy.weight_adapter.lora import LoRAAdapter
+except ImportError:  # pragma: no cover
+    LoRAAdapter = None
+
+
+class LowRankBranch:
+    """Every plain LoRA of one layer as y += (x @ down^T) @ up^T (strengths and alpha folded into `up`)."""
+
+    def __init__(self, patches: list, out_features: int, in_features: int) -> None:
+        self.source = patches
+        downs, ups = [], []
+        for strength, adapter, _, offset, _ in patches:
+            up, down, alpha = adapter.weights[0].flatten(1).float(), adapter.weights[1].flatten(1).float(), \
+                adapter.weights[2]
+            rank = down.shape[0]
+            scale = strength * (float(alpha) / rank if alpha is not None else 1.0)
+            full_down = torch.zeros(rank, in_features)
+            full_up = torch.zeros(out_features, rank)
+            rows, cols = slice(None), slice(None)
+            if offset is not None:
+                dim, start, length = offset
+                rows, cols = (slice(start, start + length), cols) if dim == 0 else (rows, slice(start, start + length))
+            full_down[:, cols] = down
+            full_up[rows, :] = up * scale
+            downs.append(full_down)
+            ups.append(full_up)
+        self.down = torch.cat(downs, dim=0)
+        self.up = torch.cat(ups, dim=1)
+        self._on: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype)
+        if key not in self._on:  # once per device and dtype: a few MiB at most, for as long as the patch holds
+            self._on[key] = (self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype))
+        down, up = self._on[key]
+        return torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
+
+
+def is_plain_lora(patch: tuple, out_features: int, in_features: int) -> bool:
+    """A patch the low-rank branch applies exactly: a LoRA on the model's weight as it is (strength_model 1, no
+    patch function), without DoRA, LoCon mid weights or a reshape, whose factors fit the layer (or its slice)."""
+    _, adapter, strength_model, offset, function = patch
+    if LoRAAdapter is None or not isinstance(adapter, LoRAAdapter) or strength_model != 1.0 or function is not None:
+        return False
+    up, down, _, mid, dora_scale, reshape = adapter.weights
+    if mid is not None or dora_scale is not None or reshape is not None:
+        return False
+    out_f, in_f = out_features, in_features
+    if offset is not None:
+        dim, _, length = offset
+        if dim == 0:
+            out_f = length
+        else:
+            in_f = length
+    return up.dim() == 2 and down.dim() == 2 and up.shape == (out_f, down.shape[0]) and down.shape[1] == in_f
+
+
+class RuntimeWeightPatches:
+    """The patches of one FP8 layer's weight, split by how they are applied (see the module docstring)."""
+
+    def __init__(self, key: str, patches: list, out_features: int, in_features: int) -> None:
+        self.key = key
+        self.patches = patches
+        plain = all(is_plain_lora(p, out_features, in_features) for p in patches)
+        self.branch = LowRankBranch(patches, out_features, in_features) if plain and patches else None
+        self.on_weight = [] if plain else list(patches)
+
+    def patch_weight(self, real: torch.Tensor) -> torch.Tensor:
+        """The non-LoRA patches applied to a real (dequantized, float32) weight."""
+        if not self.on_weight:
+            return real
+        return comfy.lora.calculate_weight(self.on_weight, real, self.key, intermediate_dtype=real.dtype)
+
+
+def runtime_patches_of(layer, key: str, patches: list) -> RuntimeWeightPatches:
+    """The layer's split of `patches` (the same list object keeps its split: a low-VRAM layer asks every forward)."""
+    held = getattr(layer, "_runtime_split", None)
+    if held is None or held.patches is not patches or held.key != key:
+        held = RuntimeWeightPatches(key, patches, layer.out_features, layer.in_features)
+        layer._runtime_split = held
+    return held
+
+
+class FP8LayerPatcher:
+    """ModelPatcher behaviour for models with the pack's FP8 layers (mixed in before ComfyUI's class)."""
+
+    _merge_patches = False
+
+    @contextlib.contextmanager
+    def _merging(self, force_patch_weights: bool):
+        previous, self._merge_patches = self._merge_patches, bool(force_patch_weights) or self._merge_patches
+        try:
+            yield
+        finally:
+            self._merge_patches = previous
+
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        with self._merging(force_patch_weights):
+            return super().load(device_to, lowvram_model_memory=lowvram_model_memory,
+                                force_patch_weights=force_patch_weights, full_load=full_load)
+
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+        with self._merging(force_patch_weights):
+            return super().partially_unload(device_to, memory_to_free=memory_to_free,
+                                            force_patch_weights=force_patch_weights)
+
+    def _fp8_layer(self, key: str):
+        if not key.endswith(".weight"):
+            return None
+        try:
+            layer = comfy.utils.get_attr(self.model, key[: -len(".weight")])
+        except AttributeError:
+            return None
+        return layer if getattr(layer, "takes_runtime_patches", False) and layer.is_fp8 else None
+
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False, *args, **kwargs):
+        layer = self._fp8_layer(key)
+        if layer is None:
+            return super().patch_weight_to_device(key, device_to, inplace_update, *args, **kwargs)
+        patches = self.patches.get(key)
+        if patches and (self._merge_patches or any(p[2] != 1.0 for p in patches)):
+            layer.runtime_patches = None
+            return super().patch_weight_to_device(key, device_to, inplace_update, *args, **kwargs)
+        layer.runtime_patches = (key, patches) if patches else None
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        if unpatch_weights:
+            for module in self.model.modules():
+                if getattr(module, "takes_runtime_patches", False):
+                    module.runtime_patches = None
+        return super().unpatch_model(device_to, unpatch_weights)
+
+
+_PATCHER_CLASSES: dict[type, type] = {}
+
+
+def use_fp8_patcher(patcher) -> None:
+    """Make `patcher` (a fresh one, or a clone the caller owns) apply weight patches to FP8 layers at run time, and
+    hook patches in MinVram mode; its clones inherit both."""
+    patcher.set_hook_mode(comfy.hooks.EnumHookMode.MinVram)
+    base = type(patcher)
+    if issubclass(base, FP8LayerPatcher):
+        return
+    if base not in _PATCHER_CLASSES:
+        _PATCHER_CLASSES[base] = type(f"FP8{base.__name__}", (FP8LayerPatcher, base), {})
+    patcher.__class__ = _PATCHER_CLASSES[base]
+
+
+def low_vram_patches(weight_function: list) -> tuple[tuple[str, list] | None, list]:
+    """ComfyUI's LowVramPatch among a layer's weight functions, as (key, patches), and the other functions."""
+    found, others = None, []
+    for function in weight_function:
+        if isinstance(function, comfy.model_patcher.LowVramPatch):
+            found = (function.key, function.patches[function.key])
+        else:
+            others.append(function)
+    return found, others
