@@ -50,6 +50,10 @@ def evaluate(results: dict) -> dict[str, dict]:
         "t5xxl_memory": _goal("T5-XXL ours/FP16 bytes <= 0.51", g("t5xxl.ratio"), 0.51, le),
         "t5xxl_fidelity_vs_cast": _goal("T5-XXL rel. error <= 0.5x ComfyUI cast",
                                         _ratio(g("t5xxl.ours_rel_err"), g("t5xxl.comfy_cast_rel_err")), 0.5, le),
+        "lora_step": _goal("Medium step with a rank-32 LoRA on every joint block <= 1.10x without (run time, median)",
+                           g("lora.lora_over_plain"), 1.10, le),
+        "lora_memory": _goal("sampling peak RSS added by the LoRA / (LoRA bytes + one layer in 16-bit) <= 1.0",
+                             g("lora.extra_peak_over_allowance"), 1.0, le),
         "budget_greedy": _goal("memory budget: greedy / exact optimum (predicted) <= 1.05",
                                g("budget.greedy_over_optimum_max"), 1.05, le),
     }

@@ -17,7 +17,8 @@ from .common import RESULTS, boot_host, log, machine, now, setup_torch, versions
 from .goals import evaluate
 from .table import render
 
-SECTIONS = ("memory", "quantize", "load", "step", "fidelity", "sensitivity", "stock_path", "budget", "t5xxl", "soak")
+SECTIONS = ("memory", "quantize", "load", "step", "fidelity", "sensitivity", "stock_path", "budget", "t5xxl", "lora",
+            "soak")
 MODULES = {"quantize": "throughput", "t5xxl": "t5"}
 WEIGHTS_NOTE = ("random weights (no real SD3.5 weights can be downloaded here), drawn per tensor: 'gaussian' "
                 "N(0, 1/fan_in) and 'student_t' (heavy tails, 1% outlier input channels x8, uneven rows); "

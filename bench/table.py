@@ -170,6 +170,18 @@ def t5xxl(t: dict) -> list[str]:
                   ["method", "bytes", "x FP16", "rel. err (student_t)", "rel. err (gaussian)"], rows)
 
 
+def lora(r: dict) -> list[str]:
+    rows = [[f"{r['variant']} (depth {r['depth']}, {r['pixels']} px)", f"{r['patched_keys']} of {r['fp8_linears']} FP8",
+             f"{r['seconds']['plain']:.2f}", f"{r['seconds']['lora']:.2f}", _spread(r["spread"], ".3f"),
+             _gb(r["peak_rss_plain"]), _gb(r["peak_rss_lora"]),
+             f"{(r['peak_rss_lora'] - r['peak_rss_plain']) / 2**20:.0f} MiB",
+             f"{(r['lora_bytes'] + r['largest_layer_16bit_bytes']) / 2**20:.0f} MiB"]]
+    return _table(f"### 11. LoRA at run time (rank {r['rank']} on every joint block; one denoiser call, ComfyUI "
+                  "0.3.75 --cpu, weight_only)",
+                  ["model", "patched layers", "s without", "s with", "with / without", "peak RSS without",
+                   "peak RSS with", "added", "allowance (LoRA + one 16-bit layer)"], rows)
+
+
 def soak_table(s: dict) -> list[str]:
     rows = [[s["n_prompts"], s["warmup"], _f(s["rss_growth_ratio"], ".4f"), s["tensor_growth"],
              _f(s["tensor_mb_growth"], ".2f"), _f(s["seconds_per_prompt_median"], ".2f"), s["failed"],
@@ -187,7 +199,7 @@ def goals(g: dict) -> list[str]:
 
 RENDER = {"memory": memory, "quantize": quantize, "load": load, "step": step, "fidelity": fidelity,
           "sensitivity": sensitivity, "stock_path": stock_path, "budget": budget, "t5xxl": t5xxl,
-          "soak": soak_table}
+          "lora": lora, "soak": soak_table}
 
 
 def render(results: dict, only: list[str] | None = None) -> str:
