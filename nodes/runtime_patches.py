@@ -6,8 +6,8 @@ layer's weight as it is and hands the layer its patches instead (`FP8LayerPatche
 its forward (nodes/fp8_ops.py):
 - a plain LoRA (LoCon on a Linear is the same) as a low-rank branch beside the FP8 matmul,
   y = fp8_linear(x) + strength * alpha / rank * (x down^T) up^T, so the fast FP8 path stays in use
-  (`LowRankBranch`; every LoRA of a layer in one pair of matmuls, sliced patches such as diffusers' to_q on the
-  fused qkv placed in their rows);
+  (`LowRankBranch`: two thin matmuls per LoRA on the LoRA's own tensors, no copy held; sliced patches such as
+  diffusers' to_q on the fused qkv add into their rows);
 - anything else (LoHa, LoKr, diff, set, DoRA, a patch function) on the dequantized weight, one layer at a time,
   with ComfyUI's own `calculate_weight`, as its low-VRAM path does.
 Low-VRAM loads (ComfyUI's `LowVramPatch`) go through the same two routes. Unpatching only drops the patches: the
@@ -40,36 +40,43 @@ except ImportError:  # pragma: no cover
 
 
 class LowRankBranch:
-    """Every plain LoRA of one layer as y += (x @ down^T) @ up^T (strengths and alpha folded into `up`)."""
+    """Every plain LoRA of one layer, added to the layer's output: out[..., rows] += s * (x[..., cols] @ down^T) @ up^T
+    with s = strength * alpha / rank. It holds the LoRA's own tensors, no copy: on the device they live on, each
+    forward casts one layer's factors to the compute dtype and drops them; on another device (a GPU, with the patches
+    on the CPU) they are moved there once, at the compute dtype, and kept while the patch holds."""
 
-    def __init__(self, patches: list, out_features: int, in_features: int) -> None:
+    def __init__(self, patches: list) -> None:
         self.source = patches
-        downs, ups = [], []
+        self.parts = []
         for strength, adapter, _, offset, _ in patches:
-            up, down, alpha = adapter.weights[0].flatten(1).float(), adapter.weights[1].flatten(1).float(), \
-                adapter.weights[2]
+            up, down, alpha = adapter.weights[0], adapter.weights[1], adapter.weights[2]
             rank = down.shape[0]
             scale = strength * (float(alpha) / rank if alpha is not None else 1.0)
-            full_down = torch.zeros(rank, in_features)
-            full_up = torch.zeros(out_features, rank)
             rows, cols = slice(None), slice(None)
             if offset is not None:
                 dim, start, length = offset
-                rows, cols = (slice(start, start + length), cols) if dim == 0 else (rows, slice(start, start + length))
-            full_down[:, cols] = down
-            full_up[rows, :] = up * scale
-            downs.append(full_down)
-            ups.append(full_up)
-        self.down = torch.cat(downs, dim=0)
-        self.up = torch.cat(ups, dim=1)
-        self._on: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+                if dim == 0:
+                    rows = slice(start, start + length)
+                else:
+                    cols = slice(start, start + length)
+            self.parts.append((down.flatten(1), up.flatten(1), scale, rows, cols))
+        self._moved: dict[tuple, list] = {}
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _factors(self, x: torch.Tensor) -> list:
+        if all(down.device == x.device for down, *_ in self.parts):
+            return [(down.to(x.dtype), up.to(x.dtype), *rest) for down, up, *rest in self.parts]
         key = (x.device, x.dtype)
-        if key not in self._on:  # once per device and dtype: a few MiB at most, for as long as the patch holds
-            self._on[key] = (self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype))
-        down, up = self._on[key]
-        return torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
+        if key not in self._moved:
+            self._moved[key] = [(down.to(x.device, x.dtype), up.to(x.device, x.dtype), *rest)
+                                for down, up, *rest in self.parts]
+        return self._moved[key]
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`out` (the layer's output for `x`, a fresh tensor) with the LoRAs' update added in place."""
+        for down, up, scale, rows, cols in self._factors(x):
+            update = torch.nn.functional.linear(torch.nn.functional.linear(x[..., cols], down), up)
+            out[..., rows].add_(update, alpha=scale)
+        return out
 
 
 def is_plain_lora(patch: tuple, out_features: int, in_features: int) -> bool:
@@ -98,7 +105,7 @@ class RuntimeWeightPatches:
         self.key = key
         self.patches = patches
         plain = all(is_plain_lora(p, out_features, in_features) for p in patches)
-        self.branch = LowRankBranch(patches, out_features, in_features) if plain and patches else None
+        self.branch = LowRankBranch(patches) if plain and patches else None
         self.on_weight = [] if plain else list(patches)
 
     def patch_weight(self, real: torch.Tensor) -> torch.Tensor:
