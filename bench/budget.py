@@ -179,7 +179,7 @@ def run(quick: bool = False) -> dict:
         with _each_tensor_quantized_once():
             results[variant] = _variant(variant, depth, pixels, steps)
     greedy = {v: _greedy_vs_optimum(v, r["group_weight_err"], 12) for v, r in results.items()}
-    plot = RESULTS / ("budget-quick.png" if quick else "budget.png")  # a quick run leaves the README's plot alone
+    plot = RESULTS / ("budget-quick.png" if quick else "budget.png")  # a quick run leaves bench/README.md's plot alone
     _plot(results, plot)
     return {**results, "greedy_vs_optimum": greedy, "plot": str(plot.relative_to(RESULTS.parent.parent)),
             "planner_over_preset_max": max(r["planner_over_preset_max"] for r in results.values()),

@@ -11,7 +11,7 @@ from skimage.metrics import structural_similarity
 from tools import comfy_host
 
 # Decoded-image SSIM the FP8 branch must reach against FP16. Measured on these random-weight fixtures
-# at 3 steps: ~0.99 (README, "Tested with"). Random weights have no smooth structure to hide error
+# at 3 steps: ~0.99 (this test measures it). Random weights have no smooth structure to hide error
 # in, so real models score higher; 0.95 leaves margin for platform rounding differences while still
 # failing for a broken scale (a plain cast or a wrong scale axis scores below 0.9 here).
 MIN_SSIM = 0.95
