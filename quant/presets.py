@@ -1,9 +1,9 @@
 """The protection presets: the layers each keeps 16-bit. Adding a preset is a line here; the config's choices, the
 nodes' option lists and the CLI follow.
 
-Preset contents come from the per-module sensitivity table (`make bench`, bench/README.md, section 6 "Sensitivity"): the embedders and
-`final_layer` carry the largest error per byte saved and together are ~1% of Large's weights, so all SD3.5 presets
-keep them 16-bit.
+Preset contents come from the per-module sensitivity table (`make bench`, bench/README.md, section 6 "Sensitivity"):
+the embedders and `final_layer` carry the largest error per byte saved and together are ~1% of Large's weights, so
+all SD3.5 presets keep them 16-bit.
 """
 
 from __future__ import annotations
