@@ -22,7 +22,7 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..quant.budget import parse_budget
-from ..quant.checkpoint import QUANT_METADATA_KEY, header_shapes_dtypes, refuse_pickle
+from ..quant.checkpoint import FREE_MEMORY, QUANT_METADATA_KEY, header_shapes_dtypes, reading, refuse_pickle
 from ..quant.config import QuantConfig
 from ..quant.plan import CHECKPOINT_MODEL_PREFIX, LOADER_TEXT_ENCODER_CHOICES
 from ..quant.streaming import quantize_safetensors_stream, quantize_state_dict
@@ -39,6 +39,15 @@ from .common import (
 from .fp8_ops import FLOAT8_DTYPES, check_compute_supported, make_fp8_ops, recompute_hook_patches
 from .fp8_tables import fp8_tables_in_place
 from .native import check_native_settings, native_state_dict
+
+# What a loader's out-of-memory error says to do (quant.checkpoint.reading), by how it reads the file.
+NEED_LESS = f"{FREE_MEMORY}. To need less: memory_budget smaller, or off (it keeps fewer layers 16-bit)"
+CHECKPOINT_NEEDS_LESS = f"{NEED_LESS}; text_encoder_fp8=all (CLIP-L/G in FP8 too)"
+UNQUANTIZED_NEEDS_MORE = (f"{FREE_MEMORY}. fp8_format=disabled loads the checkpoint as stored (16-bit): an fp8_format "
+                          "loads it in about half the memory")
+DIFFUSERS_NEEDS_MORE = (f"{FREE_MEMORY}. A diffusers folder is read whole in 16-bit before it is quantized: a single "
+                        ".safetensors file of the model in models/diffusion_models is quantized while it is read and "
+                        "needs about half the memory")
 
 
 class MissingTextEncoders:
@@ -174,12 +183,15 @@ class SD35FP8CheckpointLoader(PackNode):
         if fp8_format == "disabled":
             if parse_budget(memory_budget) is not None:
                 raise ValueError("memory_budget: fitting a budget needs FP8; pick an fp8_format or set it off")
-            model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path, embedding_directory=embeddings)
+            with reading(path, "ckpt_name", memory_advice=UNQUANTIZED_NEEDS_MORE):
+                model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path, embedding_directory=embeddings)
             report_text = f"{ckpt_name}: fp8_format=disabled, loaded as stored (no FP8)."
         else:
             settings = _settings(fp8_format, scaling, protect_preset, compute, protect_patterns)
             sd, layer_formats, report, dtype = _quantize_file(path, header, CHECKPOINT_MODEL_PREFIX, settings,
-                                                              memory_budget, text_encoders=text_encoder_fp8)
+                                                              memory_budget, text_encoders=text_encoder_fp8,
+                                                              input_name="ckpt_name",
+                                                              memory_advice=CHECKPOINT_NEEDS_LESS)
             options, metadata = _model_options(settings, dtype, sd, layer_formats, CHECKPOINT_MODEL_PREFIX,
                                                _metadata(header))
             with fp8_tables_in_place(sd, CHECKPOINT_MODEL_PREFIX):
@@ -221,7 +233,8 @@ def read_diffusers_transformer(folder: Path) -> dict:
     """All tensors of a diffusers transformer folder (single file or sharded with an index)."""
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        with reading(index, "model_name"):
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     else:
         files = ["diffusion_pytorch_model.safetensors"]
     sd = {}
@@ -232,7 +245,8 @@ def read_diffusers_transformer(folder: Path) -> dict:
                              "same folder are read. Fix the index or convert the shards to safetensors")
         path = folder / name
         refuse_pickle(str(path), "model_name")
-        sd.update(comfy.utils.load_torch_file(str(path)))
+        with reading(path, "model_name", memory_advice=DIFFUSERS_NEEDS_MORE):
+            sd.update(comfy.utils.load_torch_file(str(path)))
     return sd
 
 
@@ -267,7 +281,8 @@ class SD35FP8DiffusionModelLoader(PackNode):
         settings = _settings(fp8_format, scaling, protect_preset, compute, protect_patterns)
         if model_name in folder_paths.get_filename_list("diffusion_models"):
             path, header = _model_file("diffusion_models", model_name, "model_name")
-            sd, layer_formats, report, dtype = _quantize_file(path, header, "", settings, memory_budget)
+            sd, layer_formats, report, dtype = _quantize_file(path, header, "", settings, memory_budget,
+                                                              input_name="model_name", memory_advice=NEED_LESS)
             metadata = _metadata(header)
         else:
             folder = _diffusers_transformers().get(model_name)

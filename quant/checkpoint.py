@@ -11,12 +11,16 @@ Read layouts (quant.streaming): the above, ComfyUI 0.8.0's `.comfy_quant` entrie
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
 import struct
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -59,7 +63,7 @@ def check_safetensors(path: str | os.PathLike, input_name: str = "file") -> dict
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{input_name}: {name} does not exist (or is not a file)")
     size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    with reading(path, input_name), open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise ValueError(f"{input_name}: {name} is empty or truncated ({size} bytes); re-download it")
@@ -103,6 +107,40 @@ def check_safetensors(path: str | os.PathLike, input_name: str = "file") -> dict
         raise ValueError(f"{input_name}: {name} is corrupt ({data_size - end} byte(s) after the last tensor); "
                          "re-download it")
     return header
+
+
+FREE_MEMORY = "Free memory (close other programs, or unload other models) and run it again"
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` says memory ran out: Python's MemoryError, torch's (CUDA) OutOfMemoryError, a refused map
+    (ENOMEM), or torch's CPU allocator, which raises a plain RuntimeError."""
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) \
+        or (isinstance(err, OSError) and err.errno == errno.ENOMEM) \
+        or (type(err) is RuntimeError and "can't allocate memory" in str(err))
+
+
+@contextmanager
+def reading(path: str | os.PathLike, input_name: str = "file", tensor: Callable[[], str | None] = lambda: None,
+            memory_advice: str = FREE_MEMORY) -> Iterator[None]:
+    """Re-raise an I/O or out-of-memory error from the block, chained to it, naming the input, the file, the tensor
+    being read (`tensor()`, where known) and what to do; other errors (the pack's own, which name the file already)
+    pass unchanged. An I/O error keeps its type (OSError or subclass); running out of memory is a MemoryError (a
+    CUDA OutOfMemoryError stays one: ComfyUI unloads its models on it)."""
+    try:
+        yield
+    except (OSError, MemoryError, RuntimeError) as err:
+        key = tensor()
+        where = f"{input_name}: {os.path.basename(str(path))}" + (f" (tensor {key})" if key else "")
+        if out_of_memory(err):
+            kind = type(err) if isinstance(err, torch.OutOfMemoryError) else MemoryError
+            raise kind(f"{where}: ran out of memory while loading it ({str(err) or type(err).__name__}). "
+                       f"{memory_advice}") from err
+        if isinstance(err, OSError):
+            raise type(err)(f"{where}: reading it failed ({err.strerror or err}). The drive or network share may "
+                            "have been disconnected, or the file is damaged: reconnect the drive and run it again; "
+                            "if it fails again, copy the file to another drive or re-download it") from err
+        raise
 
 
 def header_shapes_dtypes(header: dict) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
@@ -197,18 +235,67 @@ def save_quantized(path: str | os.PathLike, sd: dict[str, torch.Tensor], layer_f
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=header)
+        _flush(tmp)
         if overwrite:
             os.replace(tmp, path)
         else:
-            try:
-                os.link(tmp, path)  # fails if the name was taken meanwhile: never overwrites
-            except FileExistsError:
-                raise FileExistsError(f"output: {path.name} appeared while saving (another save?); nothing was "
-                                      "overwritten: run it again to save under the next free name") from None
+            _publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _flush(path: str) -> None:
+    """Wait until the file's data is on the drive, before it gets its final name: a drive unplugged right after the
+    save then holds the whole file under that name, not a name over missing data."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _name_taken(path: Path) -> FileExistsError:
+    return FileExistsError(f"output: {path.name} appeared while saving (another save?); nothing was overwritten: run "
+                           "it again to save under the next free name")
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Give the written temp file its final name without ever replacing a file there: a hard link (atomic: it fails
+    if the name exists), or, where the filesystem refuses hard links, `_rename_into_claim`."""
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise _name_taken(path) from None
+    except OSError:  # exFAT/FAT32 (EPERM), network shares (ENOTSUP, EXDEV, ...): any errno, the fallback is as safe
+        pass
+    _rename_into_claim(tmp, path)
+
+
+def _rename_into_claim(tmp: str, path: Path) -> None:
+    """Claim the name with an empty file created exclusively (O_EXCL: fails if the name exists), then rename the temp
+    file over it, only while it is still that empty file of ours: rename works on every filesystem (exFAT, FAT32,
+    network shares) and replaces only our claim. A writer that overwrites existing files anyway could still act
+    between the check and the rename; every other is refused. On any error or interrupt the claim is removed."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        raise _name_taken(path) from None
+    try:
+        try:
+            ours, now = os.fstat(fd), os.stat(path)
+        finally:
+            os.close(fd)
+        if (now.st_dev, now.st_ino, now.st_size) != (ours.st_dev, ours.st_ino, 0):
+            raise _name_taken(path)  # another writer replaced or wrote into our claim: theirs stays
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_size == 0:  # still an empty claim (never a model: nothing of anyone's is lost)
+                os.unlink(path)
+        raise
 
 
 def inspect_file(path: str | os.PathLike) -> dict:

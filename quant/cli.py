@@ -15,12 +15,14 @@ import torch
 from tqdm import tqdm
 
 from .budget import auto_budget, parse_budget, sampling_bytes
-from .checkpoint import LAYOUTS, STOCK_FORMAT, inspect_file, save_quantized, to_stock_layout
+from .checkpoint import FREE_MEMORY, LAYOUTS, STOCK_FORMAT, inspect_file, save_quantized, to_stock_layout
 from .config import BACKENDS, PRESETS, QuantConfig
 from .formats import FP8_DTYPES, SCALINGS
 from .hardware import host_memory
 from .plan import CHECKPOINT_MODEL_PREFIX, LOADER_TEXT_ENCODER_CHOICES
 from .streaming import quantize_safetensors_stream
+
+NEED_LESS = f"{FREE_MEMORY}. To need less: a smaller --budget, or none; --text-encoders all"
 
 
 def _progress_bar(label: str):
@@ -71,7 +73,8 @@ def convert(args: argparse.Namespace) -> int:
                          memory_budget=_budget(args.budget))
     sd, formats, report = quantize_safetensors_stream(args.input, config, model_prefix=CHECKPOINT_MODEL_PREFIX,
                                                       text_encoders=args.text_encoders,
-                                                      progress=_progress_bar("quantizing"))
+                                                      progress=_progress_bar("quantizing"), input_name="input",
+                                                      memory_advice=NEED_LESS)
     metadata = {"sd35_fp8.source": Path(args.input).name, "sd35_fp8.rule": report.rule,
                 "sd35_fp8.fp8_format": fp8_format, "sd35_fp8.scaling": scaling, "sd35_fp8.layout": args.layout}
     # layer names in the metadata are relative to the diffusion model, in all-in-one files too
@@ -128,6 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError, MemoryError) as err:  # each names its file and what to do
         print(f"error: {err}", file=sys.stderr)
         return 2

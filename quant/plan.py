@@ -210,8 +210,11 @@ class _Planner:
         else:
             decision = Decision(FP8, f"{encoder} Linear layer", layer)
         if decision.action == FP8 and not self.dtypes[key].is_floating_point:
-            raise UnsupportedQuantFormat(f"{key} is {self.dtypes[key]}: packed quantized data, not a weight this "
-                                         "pack can quantize. Load this file with ComfyUI's own loader")
+            # a loaded model (Quantize Model: ComfyUI-GGUF holds Q8_0 weights as uint8), or a file
+            instead = "load the model from an F16/BF16 GGUF or a 16-bit .safetensors file" \
+                if self.linears is not None else "quantize a 16-bit .safetensors file of the model"
+            raise UnsupportedQuantFormat(f"{key} is {self.dtypes[key]}: packed quantized data (a GGUF Q8_0/Q4 model, "
+                                         f"say), not a weight this pack can quantize. Instead, {instead}")
         return decision
 
     def _arrived_fp8(self, key: str, rel: str, layer: str, in_model: bool) -> Decision:

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import QUANT_METADATA_KEY, SAFETENSORS_DTYPES, check_safetensors, header_shapes_dtypes
+from .checkpoint import (
+    FREE_MEMORY,
+    QUANT_METADATA_KEY,
+    SAFETENSORS_DTYPES,
+    check_safetensors,
+    header_shapes_dtypes,
+    reading,
+)
 from .config import QuantConfig
 from .decision import ALREADY_FP8, UNIT_SCALE
 from .engine import Stored, run_plan
@@ -118,21 +125,25 @@ def _state_dict(results: Mapping[str, Stored]) -> tuple[dict[str, torch.Tensor],
 def quantize_safetensors_stream(path: str | os.PathLike, config: QuantConfig, *, header: dict | None = None,
                                 model_prefix: str = "", text_encoders: str | None = None,
                                 progress: Progress | None = None, hint: str = "", budget_itemsize: int | None = None,
-                                device: torch.device | str | None = None,
+                                device: torch.device | str | None = None, input_name: str = "file",
+                                memory_advice: str = FREE_MEMORY,
                                 ) -> tuple[dict[str, torch.Tensor], dict[str, str], Report]:
     """Read `path` tensor by tensor and quantize the diffusion model's Linear weights (and, if asked, the
     text encoders'). Returns (state dict, {layer: format} for the FP8 layers of the model, Report).
     `budget_itemsize`: bytes per element of the 16-bit tensors as the host will hold them, for a memory budget.
     `device`: where the diffusion model's tensors (those under `model_prefix`) go as they are read, to be quantized
     and kept there (a GPU the model is headed to quantizes at the speed of the copy, not at the CPU's speed); text
-    encoders, the VAE and non-float entries stay on the CPU. Default: the CPU."""
-    header = check_safetensors(path) if header is None else header  # `header`: already checked by the caller
+    encoders, the VAE and non-float entries stay on the CPU. Default: the CPU.
+    An I/O or out-of-memory error while reading names `input_name`, the file and the tensor, and says what to do
+    (`memory_advice`: how to need less memory; quant.checkpoint.reading)."""
+    header = check_safetensors(path, input_name) if header is None else header  # else checked by the caller
     metadata = header.get("__metadata__", {}) or {}
     shapes, dtypes = header_shapes_dtypes(header)
     hint = f"{hint} {os.path.basename(str(path))} {metadata.get('modelspec.title', '')} " \
            f"{metadata.get('modelspec.architecture', '')}"
     keys = sorted(shapes, key=lambda k: header[k]["data_offsets"][0])  # file order: sequential reads
-    with open(path, "rb") as f:
+    reader: _TensorReader | None = None
+    with reading(path, input_name, lambda: reader and reader.key, memory_advice), open(path, "rb") as f:
         reader = _TensorReader(f, header, str(path))
         take, peek = reader.map, reader.read
         if device is not None:  # on the CPU `.to` hands back the mapped tensor itself: the same path as without
@@ -169,8 +180,10 @@ class _TensorReader:
         self.data_start = 8 + struct.unpack("<Q", f.read(8))[0]
         self.size = os.fstat(f.fileno()).st_size
         self.last: torch.Tensor | None = None  # the tensor `map` handed out last
+        self.key: str | None = None  # the tensor read last: the one being quantized, for error messages
 
     def _span(self, key: str) -> tuple[torch.dtype, list[int], int, int]:
+        self.key = key
         entry = self.header[key]
         dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
         if dtype is None:

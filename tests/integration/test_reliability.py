@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fp8_layers, snapshot
+from helpers import clip_weights, fp8_layers, snapshot
 from prompts import dm_loader, encode, fp8_loader, our_sampler, quantize_model, show
 from safetensors.torch import load_file, save_file
 
@@ -616,3 +616,185 @@ def test_diffusers_index_naming_other_files_is_refused(runner, comfy_base, fixtu
     text = error_of(runner, {"ld": dm_loader(name), "out": show(["ld", 1])})
     assert f"model_name: {name}'s weight index names {shard!r}; only .safetensors files" in text, text
     assert_serving(runner, fixture_files)
+
+
+@pytest.mark.parametrize("code", [errno.EPERM, errno.ENOTSUP], ids=errno.errorcode.get)
+def test_save_where_the_drive_refuses_hard_links(runner, comfy_base, fixture_files, tiny_lora, monkeypatch, code):
+    """exFAT/FAT32 drives (EPERM) and many network shares (ENOTSUP) have no hard links: Save FP8 Model still writes
+    the file, never over another, and leaves nothing else behind."""
+    out_dir = comfy_base / "output" / f"no_links_{code}"
+    asked = []
+
+    def refuse(src, dst, *args, **kwargs):
+        asked.append(os.path.basename(dst))
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "link", refuse)
+    runner.run(_save(fixture_files, tiny_lora, f"no_links_{code}/m"))
+    first = _listing(out_dir)
+    runner.run(_save(fixture_files, tiny_lora, f"no_links_{code}/./m"))  # again: the next name, the first kept
+    monkeypatch.undo()
+    assert asked == ["m_00001_.safetensors", "m_00002_.safetensors"]
+    after = _listing(out_dir)
+    assert sorted(after) == ["m_00001_.safetensors", "m_00002_.safetensors"], "a temp file or a claim was left"
+    assert after["m_00001_.safetensors"] == first["m_00001_.safetensors"]
+    runner.run(_save(fixture_files, tiny_lora, f"no_links_{code}/linked"))  # the same save where links work
+    linked = _file_bytes(out_dir / "linked_00001_.safetensors")
+    for name in ("m_00001_.safetensors", "m_00002_.safetensors"):
+        saved = _file_bytes(out_dir / name)
+        assert saved.keys() == linked.keys() and all(torch.equal(saved[k], linked[k]) for k in saved), name
+
+
+def _file_bytes(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors as raw bytes (its header's metadata order varies from save to save)."""
+    return {k: v.reshape(-1).view(torch.uint8) for k, v in load_file(str(path)).items()}
+
+
+# --------------------------------------------------------------------------- faults while reading a model file
+
+CHECKPOINT_SITES = ("checkpoint", "text_encoders", "disabled")  # the checkpoint loader: its model, text encoders,
+# and fp8_format=disabled (ComfyUI reads the file); the diffusion model loader: a file, and a diffusers folder
+READ_SITES = (*CHECKPOINT_SITES, "diffusion", "diffusers")
+READ_PREFIX = {"checkpoint": "model.diffusion_model.", "text_encoders": "text_encoders."}  # where each site fails
+
+
+def _read_loader(fixture_files, site: str, tag: str) -> dict:
+    comment = f"# read fault {tag}"  # a new input: ComfyUI runs the loader again
+    if site in CHECKPOINT_SITES:
+        fmt = "disabled" if site == "disabled" else "float8_e4m3fn"
+        return fp8_loader(fixture_files["large_all_in_one"].name, fp8_format=fmt, protect_patterns=comment)
+    name = fixture_files["large_transformer" if site == "diffusion" else "medium_diffusers"].name
+    return dm_loader(name, protect_patterns=comment)
+
+
+def _read_prompt(fixture_files, site: str, tag: str | None) -> dict:
+    """A load of the file ("ref"), and beside it the load under test ("ld", tagged `tag`) unless `tag` is None."""
+    report = 3 if site in CHECKPOINT_SITES else 1
+    prompt = {"ref": _read_loader(fixture_files, site, "reference"), "out_ref": show(["ref", report])}
+    if tag is not None:
+        prompt.update({"ld": _read_loader(fixture_files, site, tag), "out": show(["ld", report])})
+    return prompt
+
+
+def _loaded_bits(runner, node: str, site: str) -> dict[str, torch.Tensor]:
+    """The loaded model's tensors (and text encoders' weights) as raw bytes."""
+    outputs = runner.node_outputs(node)
+    bits = {f"model.{k}": v for k, v in exact_bits(outputs[0]).items()}
+    if site in CHECKPOINT_SITES:
+        bits.update({f"clip.{k}": w.detach().contiguous().view(torch.uint8).clone()
+                     for k, w in clip_weights(outputs[1]).items()})
+    return bits
+
+
+def _fail_reading(monkeypatch, site: str, fault: str, after: int = 4) -> list[tuple[str, str]]:
+    """Make a read fail mid-file, after `after` tensors under READ_PREFIX were read: the pack's reader maps each
+    tensor's
+    pages (mmap fails with EIO, or ENOMEM); ComfyUI reads with safetensors' get_tensor (which raises an OSError with a
+    message, or a MemoryError). Returns the (file, tensor) reads so far."""
+    reads: list[tuple[str, str]] = []
+    if site in ("disabled", "diffusers"):
+        import safetensors
+
+        real_open = safetensors.safe_open
+        error = OSError("Input/output error (os error 5)") if fault == "io" else MemoryError()
+
+        class FailingFile:
+            def __init__(self, filename, *args, **kwargs):
+                self.name, self.file = os.path.basename(filename), real_open(filename, *args, **kwargs)
+
+            def __enter__(self):
+                self.file.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return self.file.__exit__(*exc)
+
+            def __getattr__(self, attr):
+                return getattr(self.file, attr)
+
+            def get_tensor(self, key):
+                reads.append((self.name, key))
+                if len(reads) == after + 1:
+                    raise error
+                return self.file.get_tensor(key)
+
+        monkeypatch.setattr(safetensors, "safe_open", FailingFile)
+        return reads
+    import mmap
+
+    streaming = pack_module("quant.streaming")
+    real_map, real_mmap = streaming._TensorReader.map, mmap.mmap
+    prefix = READ_PREFIX.get(site, "")
+    error = OSError(*((errno.EIO, "Input/output error") if fault == "io" else (errno.ENOMEM, "Cannot allocate memory")))
+    count = itertools.count(1)
+
+    def map_counting(self, key):
+        reads.append((self.name, key))
+        failing = key.startswith(prefix) and next(count) == after + 1
+
+        def mmap_or_fail(*args, **kwargs):
+            if failing:
+                raise error
+            return real_mmap(*args, **kwargs)
+
+        monkeypatch.setattr(mmap, "mmap", mmap_or_fail)
+        return real_map(self, key)
+
+    monkeypatch.setattr(streaming._TensorReader, "map", map_counting)
+    return reads
+
+
+@pytest.mark.parametrize("fault", ["io", "memory"])
+@pytest.mark.parametrize("site", READ_SITES)
+def test_read_fault_names_the_file_and_the_fix_and_the_next_load_is_right(runner, fixture_files, monkeypatch, site,
+                                                                          fault):
+    """An I/O error or running out of memory mid-file: the error names the input, the file (the tensor where the
+    pack reads it) and what to do; a cached load of the same file beside it is untouched, and the same load then
+    gives what a load without the fault gives."""
+    runner.run(_read_prompt(fixture_files, site, None))
+    reference = runner.node_outputs("ref")[0]
+    reference_bits = _loaded_bits(runner, "ref", site)
+    attempt = f"{site} {fault}"
+    reads = _fail_reading(monkeypatch, site, fault)
+    text = error_of(runner, _read_prompt(fixture_files, site, attempt))
+    monkeypatch.undo()
+    file, tensor = reads[-1]  # the read that failed
+    assert tensor.startswith(READ_PREFIX.get(site, "")), reads
+    assert sum(key.startswith(READ_PREFIX.get(site, "")) for _, key in reads) == 5, f"not mid-file: {reads}"
+    input_name = "ckpt_name" if site in CHECKPOINT_SITES else "model_name"
+    where = f"{input_name}: {file}" if site in ("disabled", "diffusers") else f"{input_name}: {file} (tensor {tensor})"
+    assert f"{where}: " in text, text
+    if fault == "io":
+        assert "reading it failed (Input/output error" in text and "reconnect the drive" in text, text
+    else:
+        assert "ran out of memory while loading it" in text and "Free memory" in text, text
+        advice = {"checkpoint": "text_encoder_fp8=all", "text_encoders": "text_encoder_fp8=all",
+                  "disabled": "an fp8_format loads it in about half the memory", "diffusion": "memory_budget smaller",
+                  "diffusers": "A diffusers folder is read whole in 16-bit"}[site]
+        assert advice in text, text
+
+    runner.run(_read_prompt(fixture_files, site, attempt))  # the same load, without the fault
+    assert runner.node_outputs("ref")[0] is reference, "the cached load was replaced"
+    assert same_bytes(_loaded_bits(runner, "ref", site), reference_bits), "the cached load changed"
+    assert same_bytes(_loaded_bits(runner, "ld", site), reference_bits), "the load after the fault differs"
+
+
+# --------------------------------------------------------------------------- models this pack cannot quantize
+
+def test_quantize_model_refuses_a_gguf_q8_0_model_naming_what_works(comfy_nodes, fixture_files):
+    """ComfyUI-GGUF holds a Q8_0 model's Linear weights as packed uint8 codes (its GGMLTensor reports the logical
+    shape): Quantize Model refuses them and names the files that work, not a loader that cannot read GGUF."""
+    import comfy.sd
+
+    model = comfy.sd.load_diffusion_model(str(fixture_files["large_transformer"]))
+    layer = "joint_blocks.0.x_block.attn.qkv"
+    q8_0 = torch.nn.Linear(128, 384)
+    q8_0.weight = torch.nn.Parameter(torch.randint(0, 255, (384, 128), dtype=torch.uint8), requires_grad=False)
+    gguf = model.clone()
+    gguf.add_object_patch(f"diffusion_model.{layer}", q8_0)
+    with pytest.raises(ValueError) as caught:
+        comfy_nodes["SD35FP8QuantizeModel"].execute(model=gguf, fp8_format="float8_e4m3fn", scaling="per_channel",
+                                                    protect_preset="auto", compute="auto")
+    text = str(caught.value)
+    assert f"{layer}.weight is torch.uint8: packed quantized data" in text, text
+    assert "load the model from an F16/BF16 GGUF or a 16-bit .safetensors file" in text and "own loader" not in text
