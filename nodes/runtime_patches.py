@@ -15,7 +15,8 @@ FP8 weight was never touched.
 
 A merge happens only where one is asked for, and rounds the patched weight once: a load that forces patches into
 the weights (`force_patch_weights`: ComfyUI's save nodes, Save FP8 Model), and a patch that scales the model's own
-weight (`strength_model` != 1: the model-merge nodes, which blend two models' weights).
+weight (`strength_model` != 1: the model-merge nodes, which blend two models' weights). After a save, the next
+ordinary load goes back to run-time patches.
 
 The class is swapped on the pack's own ModelPatchers (`use_fp8_patcher`); `clone()` keeps it, so stock LoRA loaders
 and other packs' patch nodes get it too. Hook LoRAs (Create Hook LoRA) run in ComfyUI's MinVram hook mode, which
@@ -124,6 +125,10 @@ def runtime_patches_of(layer, key: str, patches: list) -> RuntimeWeightPatches:
     return held
 
 
+# set on the model while patches are merged into its FP8 weights because a load forced them (a save)
+MERGED_FOR_SAVE = "sd35_fp8_merged_for_save"
+
+
 class FP8LayerPatcher:
     """ModelPatcher behaviour for models with the pack's FP8 layers (mixed in before ComfyUI's class)."""
 
@@ -147,6 +152,14 @@ class FP8LayerPatcher:
             return super().partially_unload(device_to, memory_to_free=memory_to_free,
                                             force_patch_weights=force_patch_weights)
 
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        if not force_patch_weights and getattr(self.model, MERGED_FOR_SAVE, False) \
+                and self.model.current_weight_patches_uuid is not None:
+            # a save merged the patches into FP8 weights: ComfyUI unpatches a model whose loaded patches are not
+            # this patcher's, so it loads again with run-time patches (sampling after a save is what it was before)
+            self.model.current_weight_patches_uuid = MERGED_FOR_SAVE
+        return super().partially_load(device_to, extra_memory=extra_memory, force_patch_weights=force_patch_weights)
+
     def _fp8_layer(self, key: str):
         if not key.endswith(".weight"):
             return None
@@ -163,11 +176,14 @@ class FP8LayerPatcher:
         patches = self.patches.get(key)
         if patches and (self._merge_patches or any(p[2] != 1.0 for p in patches)):
             layer.runtime_patches = None
+            if self._merge_patches:
+                setattr(self.model, MERGED_FOR_SAVE, True)
             return super().patch_weight_to_device(key, device_to, inplace_update, *args, **kwargs)
         layer.runtime_patches = (key, patches) if patches else None
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         if unpatch_weights:
+            setattr(self.model, MERGED_FOR_SAVE, False)
             for module in self.model.modules():
                 if getattr(module, "takes_runtime_patches", False):
                     module.runtime_patches = None
