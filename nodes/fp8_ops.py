@@ -160,11 +160,14 @@ class FP8OpsLinear(FP8LinearMixin, comfy.ops.manual_cast.Linear):
         return self.weight, self.current_scale()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        from .stock_layout import write_for_file  # a module of its own: the save-time layout per host
+
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.is_fp8:
             weight, scale = self.saved_weight()
             destination[prefix + "weight"] = weight if keep_vars else weight.detach()
             destination[prefix + "weight_scale"] = scale if keep_vars else scale.detach()
+            write_for_file(self, destination, prefix)  # a save node writing a file: the layout the host reads
 
 
 class FP8Ops(comfy.ops.manual_cast):

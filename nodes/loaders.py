@@ -279,9 +279,12 @@ class SD35FP8DiffusionModelLoader(PackNode):
     def execute(cls, model_name, fp8_format, scaling, protect_preset, compute, protect_patterns="",
                 memory_budget="") -> io.NodeOutput:
         settings = _settings(fp8_format, scaling, protect_preset, compute, protect_patterns)
+        prefix = ""  # the model's keys start with it: a ModelSave file has a checkpoint's (as ComfyUI's loader reads)
         if model_name in folder_paths.get_filename_list("diffusion_models"):
             path, header = _model_file("diffusion_models", model_name, "model_name")
-            sd, layer_formats, report, dtype = _quantize_file(path, header, "", settings, memory_budget,
+            if any(key.startswith(CHECKPOINT_MODEL_PREFIX) for key in header):
+                prefix = CHECKPOINT_MODEL_PREFIX
+            sd, layer_formats, report, dtype = _quantize_file(path, header, prefix, settings, memory_budget,
                                                               input_name="model_name", memory_advice=NEED_LESS)
             metadata = _metadata(header)
         else:
@@ -300,8 +303,8 @@ class SD35FP8DiffusionModelLoader(PackNode):
                                                             progress=progress_callback(),
                                                             budget_itemsize=dtype.itemsize)
             metadata = {}
-        options, metadata = _model_options(settings, dtype, sd, layer_formats, "", metadata)
-        with fp8_tables_in_place(sd, ""):
+        options, metadata = _model_options(settings, dtype, sd, layer_formats, prefix, metadata)
+        with fp8_tables_in_place(sd, prefix):
             model = comfy.sd.load_diffusion_model_state_dict(sd, metadata=metadata, model_options=options)
         if model is None:
             raise ValueError(f"model_name: {model_name} is not a diffusion model ComfyUI recognises")
