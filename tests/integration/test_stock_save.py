@@ -154,7 +154,7 @@ def test_stock_saved_model_reloads_like_the_model_that_was_saved(runner, comfy_b
     errors = {tag: _error(out, ref) for tag, out in outputs.items()}
     print(f"{comfy_host.host_label()} {variant} {saver}: vs the model as saved "
           + ", ".join(f"{t} {e:.5f}" for t, e in errors.items())
-          + f"; stock vs the model as it runs (LoRA at run time) {_error(outputs['stock'], running):.5f}; stock "
+          + f"; stock vs the model as it runs in memory {_error(outputs['stock'], running):.5f}; stock "
           f"model dtype {models['stock'].model.get_dtype()}")
     # whatever dtype the host picks for the model (float8 for a mostly-FP8 file on FP8 devices), the 16-bit layers
     # of the file stay 16-bit in it
