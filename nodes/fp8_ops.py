@@ -6,21 +6,21 @@ ModelPatcher (the quantize node). Math lives in quant/; this file only adapts it
 ComfyUI's conventions:
 - weights are created uninitialised (no pages touched) and replaced from the state dict,
   so loading never fills a 16-bit copy of a layer that arrives in FP8;
-- `convert_weight` / `set_weight` are the hooks ModelPatcher uses for LoRA on scaled weights:
-  patches are applied to the dequantized weight, which is re-quantized with a fresh absmax scale
-  (`quant.formats.requantize`; the old scale would clip what the LoRA adds, as stock 0.8.0's mixed-precision
-  ops avoid too). The new scale travels with the weight: it is an attribute of the new Parameter
-  (`host_fp8.OWN_SCALE`), and `weight_scale` always belongs to the unpatched weight. ModelPatcher backs
-  up and restores the weight alone (the original Parameter, or a new one around its copy), and a
-  restored weight carries no scale of its own, so unpatching brings back the exact layer, scale
-  included. In-place updates (ComfyUI's hook patches, restored by copying the bits back into the same
-  Parameter) keep the scale the weight has (`recompute_hook_patches` keeps ComfyUI from copying a cached real
-  weight in). `convert_weight` scales the bits it is given with their own scale: the patched weight's, or the
-  unpatched one's for ModelPatcher's backup. Moves keep the travelling scale with the weight (`_apply`),
-  and the state dict writes the scale of the weight beside it;
-- a layer offloaded in low-VRAM mode gets its LoRA as `weight_function` patches at run time:
-  they are applied to the dequantized weight, which is then used as it is (ComfyUI 0.8.0's
-  LowVramPatch expects a real weight; 0.3.75's would re-quantize it on the way);
+- weight patches (LoRA and the rest) are applied at run time by `forward` and never rounded into the FP8
+  weight (nodes/runtime_patches.py: a LoRA as a low-rank branch beside the FP8 matmul, other patches on the
+  dequantized weight; the same for a layer offloaded in low-VRAM mode, whose patches come as ComfyUI's
+  LowVramPatch);
+- where a merge is asked for (a load with force_patch_weights: save nodes; model merging), ModelPatcher merges
+  through `convert_weight` / `set_weight`: the patched weight is re-quantized once with a fresh absmax scale
+  (`quant.formats.requantize`; the old scale would clip what the patch adds). The new scale travels with the
+  weight: it is an attribute of the new Parameter (`host_fp8.OWN_SCALE`), and `weight_scale` always belongs to
+  the unpatched weight. ModelPatcher backs up and restores the weight alone (the original Parameter, or a new one
+  around its copy), and a restored weight carries no scale of its own, so unpatching brings back the exact
+  layer, scale included. In-place updates (ComfyUI's hook patches, restored by copying the bits back into the
+  same Parameter) keep the scale the weight has (hooks run in MinVram mode: `runtime_patches.use_fp8_patcher`).
+  `convert_weight` scales the bits it is given with their own scale: the patched weight's, or the unpatched
+  one's for ModelPatcher's backup. Moves keep the travelling scale with the weight (`_apply`), and the state
+  dict writes the scale of the weight beside it;
 - whatever dtype ComfyUI picks for the model (`unet_dtype()` picks float8 for a mostly-FP8
   state dict on FP8 GPUs and small cards), a layer that arrives 16-bit stays 16-bit: a plain
   float8 cast of a protected layer or a bias is the damage the pack exists to avoid;
@@ -29,10 +29,7 @@ ComfyUI's conventions:
 
 from __future__ import annotations
 
-import comfy.hooks
-import comfy.lora
 import comfy.model_management
-import comfy.model_patcher
 import comfy.ops
 import torch
 
@@ -40,6 +37,7 @@ from ..quant.formats import FP8_DTYPES, dequantize_weight, format_name, is_fp8, 
 from ..quant.hardware import resolve_compute
 from ..quant.linear import FP8LinearMixin
 from .host_fp8 import OWN_SCALE, scale_of
+from .runtime_patches import low_vram_patches, runtime_patches_of
 
 FLOAT8_DTYPES = frozenset(FP8_DTYPES.values())
 
@@ -48,6 +46,8 @@ class FP8OpsLinear(FP8LinearMixin, comfy.ops.manual_cast.Linear):
     """ComfyUI's Linear holding an FP8 weight + float32 weight_scale (or a 16-bit weight, kept 16-bit)."""
 
     compute: str = "auto"  # set per load by make_fp8_ops
+    takes_runtime_patches = True  # FP8LayerPatcher hands this layer its weight patches (nodes/runtime_patches.py)
+    runtime_patches: tuple[str, list] | None = None  # (weight key, ComfyUI's patch list) while a patcher applies them
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         torch.nn.Module.__init__(self)
@@ -114,12 +114,21 @@ class FP8OpsLinear(FP8LinearMixin, comfy.ops.manual_cast.Linear):
             bias = self.bias.to(x.device, x.dtype, non_blocking=True)
             for patch in self.bias_function:
                 bias = patch(bias)
-        if self.weight_function:  # LoRA on a low-VRAM offloaded layer: patch the real weight, then use it
+        low_vram, functions = low_vram_patches(self.weight_function)
+        held = low_vram or self.runtime_patches  # a low-VRAM load hands the same patches as a LowVramPatch
+        patches = runtime_patches_of(self, *held) if held else None
+        if functions or (patches is not None and patches.on_weight):  # on the real weight, one layer at a time
             real = dequantize_weight(weight, scale, torch.float32)
-            for patch in self.weight_function:
-                real = _apply_weight_patch(patch, real)
-            return torch.nn.functional.linear(x, real.to(x.dtype), bias)
-        return self.fp8_forward(x, weight, scale, bias)
+            if patches is not None:
+                real = patches.patch_weight(real)
+            for function in functions:
+                real = function(real)
+            out = torch.nn.functional.linear(x, real.to(x.dtype), bias)
+        else:
+            out = self.fp8_forward(x, weight, scale, bias)
+        if patches is not None and patches.branch is not None:
+            out = patches.branch.add_to(out, x)
+        return out
 
     def convert_weight(self, weight, inplace=False, **kwargs):
         if not self.is_fp8:
@@ -183,30 +192,12 @@ def make_fp8_ops(compute: str = "auto") -> type:
     return type("FP8Ops", (FP8Ops,), {"Linear": linear})
 
 
-def recompute_hook_patches(patcher) -> None:
-    """Make hook LoRAs (Create Hook LoRA and the like) go through `set_weight` each time they apply. ComfyUI's
-    default hook mode, MaxSpeed, caches a hook's patched weight as real (float32) values and copies them straight
-    back into the weight when the hook applies again (`patch_cached_hook_weights`): into an FP8 weight that is a
-    cast without its scale. MinVram recomputes the patch instead; clones inherit the mode."""
-    patcher.set_hook_mode(comfy.hooks.EnumHookMode.MinVram)
-
-
 def requantized_weight(weight: torch.Tensor, old_scale: torch.Tensor, dtype: torch.dtype) -> torch.nn.Parameter:
     """A patched (real-valued) weight in FP8 with a fresh scale, as the Parameter that carries that scale."""
     qweight, scale = requantize(weight, old_scale, format_name(dtype))
     new = torch.nn.Parameter(qweight, requires_grad=False)
     setattr(new, OWN_SCALE, scale)
     return new
-
-
-def _apply_weight_patch(patch, weight: torch.Tensor) -> torch.Tensor:
-    """One run-time weight patch on a real (dequantized, float32) weight. ComfyUI's LowVramPatch is computed
-    here from its patches, as ComfyUI 0.8.0 does: 0.3.75's would push the weight through convert_weight (which
-    expects stored FP8 values) and set_weight first. Other callables get the real weight, as ComfyUI's
-    cast_bias_weight gives them."""
-    if isinstance(patch, comfy.model_patcher.LowVramPatch):
-        return comfy.lora.calculate_weight(patch.patches[patch.key], weight, patch.key, intermediate_dtype=weight.dtype)
-    return patch(weight)
 
 
 def ops_linear_holding(ops: type, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,

@@ -36,9 +36,10 @@ from .common import (
     quant_inputs,
     record_info,
 )
-from .fp8_ops import FLOAT8_DTYPES, check_compute_supported, make_fp8_ops, recompute_hook_patches
+from .fp8_ops import FLOAT8_DTYPES, check_compute_supported, make_fp8_ops
 from .fp8_tables import fp8_tables_in_place
 from .native import check_native_settings, native_state_dict
+from .runtime_patches import use_fp8_patcher
 
 # What a loader's out-of-memory error says to do (quant.checkpoint.reading), by how it reads the file.
 NEED_LESS = f"{FREE_MEMORY}. To need less: memory_budget smaller, or off (it keeps fewer layers 16-bit)"
@@ -203,7 +204,7 @@ class SD35FP8CheckpointLoader(PackNode):
             record_info(model, ckpt_name, report)
             for patcher in (model, getattr(clip, "patcher", None)):
                 if patcher is not None:
-                    recompute_hook_patches(patcher)
+                    use_fp8_patcher(patcher)
             report_text = f"{ckpt_name}\n{report.to_text()}"
         if clip is None:
             clip = MissingTextEncoders()
@@ -309,5 +310,5 @@ class SD35FP8DiffusionModelLoader(PackNode):
         if model is None:
             raise ValueError(f"model_name: {model_name} is not a diffusion model ComfyUI recognises")
         record_info(model, model_name, report)
-        recompute_hook_patches(model)
+        use_fp8_patcher(model)
         return io.NodeOutput(model, f"{model_name}\n{report.to_text()}")
