@@ -17,7 +17,7 @@ import json
 import math
 import os
 import struct
-import tempfile
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -231,10 +231,14 @@ def save_quantized(path: str | os.PathLike, sd: dict[str, torch.Tensor], layer_f
     header = {str(k): str(v) for k, v in (metadata or {}).items()}
     header[QUANT_METADATA_KEY] = quantization_metadata(layer_formats, model_prefix)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
+    # a fresh hidden name, with the permissions any new file gets (0666 less the umask), which safetensors' writer
+    # narrows to 0600: a model another user, or ComfyUI running as one, could not read
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.part")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
+        mode = os.stat(tmp).st_mode & 0o777
         save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=header)
+        os.chmod(tmp, mode)
         _flush(tmp)
         if overwrite:
             os.replace(tmp, path)

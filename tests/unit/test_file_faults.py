@@ -65,6 +65,20 @@ def test_save_without_hard_links_writes_the_file(tmp_path, no_hard_links):
     assert os.listdir(tmp_path) == ["m.safetensors"]  # no temp file, no claim left
 
 
+@pytest.mark.parametrize("links", [True, False], ids=["links", "no_links"])
+def test_a_saved_file_has_the_permissions_of_any_new_file(tmp_path, monkeypatch, links):
+    """0666 less the umask, as the user's other files: not a temp file's 0600, which another user (or ComfyUI
+    running as one) could not read."""
+    if not links:
+        monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    umask = os.umask(0o022)
+    try:
+        target = save_quantized(tmp_path / "m.safetensors", *_model())
+    finally:
+        os.umask(umask)
+    assert os.stat(target).st_mode & 0o777 == 0o644
+
+
 def test_save_without_hard_links_never_overwrites(tmp_path, no_hard_links, monkeypatch):
     sd, formats = _model()
     target = tmp_path / "m.safetensors"
