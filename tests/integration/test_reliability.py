@@ -28,6 +28,7 @@ from prompts import dm_loader, encode, fp8_loader, our_sampler, quantize_model, 
 from safetensors.torch import load_file, save_file
 
 from tools import comfy_host
+from tools.faults import fail_tensor_map
 
 SUB = "reliability"  # our bad files live in models/<folder>/reliability/
 NAN_LAYER = "joint_blocks.1.x_block.mlp.fc1"
@@ -688,9 +689,8 @@ def _loaded_bits(runner, node: str, site: str) -> dict[str, torch.Tensor]:
 
 def _fail_reading(monkeypatch, site: str, fault: str, after: int = 4) -> list[tuple[str, str]]:
     """Make a read fail mid-file, after `after` tensors under READ_PREFIX were read: the pack's reader maps each
-    tensor's
-    pages (mmap fails with EIO, or ENOMEM); ComfyUI reads with safetensors' get_tensor (which raises an OSError with a
-    message, or a MemoryError). Returns the (file, tensor) reads so far."""
+    tensor's pages (mmap fails with EIO, or ENOMEM); ComfyUI reads with safetensors' get_tensor (which raises an
+    OSError with a message, or a MemoryError). Returns the (file, tensor) reads so far."""
     reads: list[tuple[str, str]] = []
     if site in ("disabled", "diffusers"):
         import safetensors
@@ -720,28 +720,9 @@ def _fail_reading(monkeypatch, site: str, fault: str, after: int = 4) -> list[tu
 
         monkeypatch.setattr(safetensors, "safe_open", FailingFile)
         return reads
-    import mmap
-
-    streaming = pack_module("quant.streaming")
-    real_map, real_mmap = streaming._TensorReader.map, mmap.mmap
-    prefix = READ_PREFIX.get(site, "")
     error = OSError(*((errno.EIO, "Input/output error") if fault == "io" else (errno.ENOMEM, "Cannot allocate memory")))
-    count = itertools.count(1)
-
-    def map_counting(self, key):
-        reads.append((self.name, key))
-        failing = key.startswith(prefix) and next(count) == after + 1
-
-        def mmap_or_fail(*args, **kwargs):
-            if failing:
-                raise error
-            return real_mmap(*args, **kwargs)
-
-        monkeypatch.setattr(mmap, "mmap", mmap_or_fail)
-        return real_map(self, key)
-
-    monkeypatch.setattr(streaming._TensorReader, "map", map_counting)
-    return reads
+    return fail_tensor_map(monkeypatch, pack_module("quant.streaming")._TensorReader, after + 1, error,
+                           READ_PREFIX.get(site, ""))
 
 
 @pytest.mark.parametrize("fault", ["io", "memory"])

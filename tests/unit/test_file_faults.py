@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import itertools
-import mmap
 import os
 
 import pytest
@@ -21,6 +20,7 @@ from sd35_fp8.quant import streaming as streaming
 from sd35_fp8.quant.checkpoint import FREE_MEMORY, check_safetensors, save_quantized
 from sd35_fp8.quant.cli import main as cli_main
 from sd35_fp8.quant.streaming import quantize_safetensors_stream
+from tools.faults import fail_tensor_map
 
 # what filesystems without hard links answer link(2) with: exFAT/FAT32 (EPERM), shares and FUSE (ENOTSUP, EXDEV)
 NO_LINK_ERRNOS = [errno.EPERM, errno.ENOTSUP, errno.EXDEV]
@@ -163,27 +163,9 @@ def test_cli_convert_without_hard_links_writes_the_same_file(fixture_files, tmp_
 
 # --------------------------------------------------------------------------- read faults while streaming
 
-def _fail_at(monkeypatch, n: int, error: BaseException, prefix: str = "") -> list[str]:
-    """Make the file's pages fail to map (`error`, raised by mmap inside the reader) for the n-th tensor under
-    `prefix` the reader maps; returns the keys it was asked for so far."""
-    real_map, real_mmap = streaming._TensorReader.map, mmap.mmap
-    mapped: list[str] = []
-    count = itertools.count(1)
-
-    def map_counting(self, key):
-        mapped.append(key)
-        failing = key.startswith(prefix) and next(count) == n
-
-        def mmap_or_fail(*args, **kwargs):
-            if failing:
-                raise error
-            return real_mmap(*args, **kwargs)
-
-        monkeypatch.setattr(mmap, "mmap", mmap_or_fail)
-        return real_map(self, key)
-
-    monkeypatch.setattr(streaming._TensorReader, "map", map_counting)
-    return mapped
+def _fail_at(monkeypatch, n: int, error: BaseException, prefix: str = "") -> list[tuple[str, str]]:
+    """The n-th tensor under `prefix` fails to map with `error`; returns the (file, key) pairs mapped so far."""
+    return fail_tensor_map(monkeypatch, streaming._TensorReader, n, error, prefix)
 
 
 @pytest.mark.parametrize("fault", ["io", "memory"])
@@ -196,7 +178,7 @@ def test_read_fault_mid_stream_names_file_tensor_and_fix(fixture_files, monkeypa
         quantize_safetensors_stream(path, QuantConfig(), input_name="model_name", memory_advice="Do less.")
     text = str(caught.value)
     assert len(mapped) == 6, "the fault did not hit mid-stream"
-    assert text.startswith(f"model_name: {path.name} (tensor {mapped[-1]}): "), text
+    assert text.startswith(f"model_name: {path.name} (tensor {mapped[-1][1]}): "), text
     if fault == "io":
         assert "reading it failed (Input/output error)" in text and "reconnect the drive" in text
         assert "re-download it" in text
@@ -243,7 +225,7 @@ def test_io_error_at_a_text_encoder_tensor_names_it(fixture_files, monkeypatch):
     with pytest.raises(OSError, match=r"\(tensor text_encoders\.[^)]+\): reading it failed") as caught:
         quantize_safetensors_stream(path, QuantConfig(), model_prefix="model.diffusion_model.",
                                     text_encoders="all")
-    assert f"(tensor {mapped[-1]})" in str(caught.value) and len(mapped) > 4
+    assert f"(tensor {mapped[-1][1]})" in str(caught.value) and len(mapped) > 4
 
 
 def test_cli_read_error_is_one_line_and_writes_nothing(fixture_files, tmp_path, monkeypatch, capsys):
