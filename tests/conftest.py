@@ -96,8 +96,10 @@ def runner(comfy_nodes) -> comfy_host.PromptRunner:
 
 @pytest.fixture(scope="session")
 def pack(comfy_nodes):
-    """Our pack's module as ComfyUI imported it (use its classes for isinstance checks)."""
-    return sys.modules[next(name for name in sys.modules if name.endswith(f"/{PACK_NAME}"))]
+    """Our pack's module as ComfyUI imported it (use its classes for isinstance checks): the module ComfyUI made of
+    this checkout's __init__.py, whatever name it gave it."""
+    return next(module for name, module in list(sys.modules.items()) if name != "sd35_fp8"
+                and getattr(module, "__file__", None) and Path(module.__file__).resolve() == REPO / "__init__.py")
 
 
 # The fixture LoRAs' factors are drawn with this standard deviation: strong LoRAs, which move one denoiser call of
