@@ -8,6 +8,7 @@ base folder for models, input and output, with this repo linked into custom_node
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import tools
 from tools import comfy_host, tiny_sd35
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +39,14 @@ def pytest_runtest_makereport(item, call):
     if report.failed:
         report.sections.append(("host", comfy_host.host_label()))
         report.nodeid = f"{report.nodeid} [{comfy_host.host_label()}]"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def root_off_sys_path() -> None:
+    """pytest treats the repository root as a package (it has an __init__.py: ComfyUI's entry) and, setting that
+    package up before the first test, imports its __init__.py and puts its folder on sys.path (or, where the folder's
+    name is an identifier, the folder above): take the root off again, as `tools` did at import."""
+    tools.keep_root_off_sys_path()
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +108,7 @@ def runner(comfy_nodes) -> comfy_host.PromptRunner:
 def pack(comfy_nodes):
     """Our pack's module as ComfyUI imported it (use its classes for isinstance checks): the module ComfyUI made of
     this checkout's __init__.py, whatever name it gave it."""
-    return next(module for name, module in list(sys.modules.items()) if name != "sd35_fp8"
+    return next(module for name, module in list(sys.modules.items()) if os.sep in name  # ComfyUI names it by path
                 and getattr(module, "__file__", None) and Path(module.__file__).resolve() == REPO / "__init__.py")
 
 

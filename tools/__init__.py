@@ -35,6 +35,11 @@ def _is_repo(entry: str) -> bool:
         return False
 
 
+def keep_root_off_sys_path() -> None:
+    """Take every entry naming the repository root off sys.path (`python -m` and pytest put it there)."""
+    sys.path[:] = [entry for entry in sys.path if not _is_repo(entry)]
+
+
 def _set_up_checkout_imports() -> None:
     _register("sd35_fp8", REPO)  # the root __init__.py refuses a second copy imported from elsewhere
     loaded = Path(sys.modules["sd35_fp8"].__file__).resolve().parent
@@ -42,7 +47,7 @@ def _set_up_checkout_imports() -> None:
         raise ImportError(f"another 'sd35_fp8' is already imported from {loaded}; the development tools run the "
                           f"checkout's own copy from {REPO}: uninstall the other (pip uninstall comfyui-sd35-fp8)")
     _register("bench", REPO / "bench")
-    sys.path[:] = [entry for entry in sys.path if not _is_repo(entry)]
+    keep_root_off_sys_path()
 
 
 _set_up_checkout_imports()
