@@ -35,6 +35,12 @@ def _is_repo(entry: str) -> bool:
         return False
 
 
+def engine_cli(*args: str) -> list[str]:
+    """The command that runs the engine's CLI (`sd35-fp8`, or `python -m sd35_fp8.quant` once installed) from this
+    checkout in this interpreter: `python -m sd35_fp8.quant` finds no `sd35_fp8` in a checkout not installed."""
+    return [sys.executable, "-c", "import tools; from sd35_fp8.quant.cli import main; raise SystemExit(main())", *args]
+
+
 def keep_root_off_sys_path() -> None:
     """Take every entry naming the repository root off sys.path (`python -m` and pytest put it there)."""
     sys.path[:] = [entry for entry in sys.path if not _is_repo(entry)]

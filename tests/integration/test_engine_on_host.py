@@ -7,6 +7,7 @@ import torch
 from helpers import fp8_layers, host_quantized_layers, write_legacy_scaled_fp8
 from prompts import decode_and_preview, encode, ksampler
 
+import tools
 from tools import comfy_host
 from tools.tiny_sd35 import build_mmdit
 
@@ -57,16 +58,14 @@ def test_legacy_scaled_fp8_file_loads_through_our_loader(runner, comfy_base, fix
 
 
 def test_cli_converted_checkpoint_loads_with_stock_checkpoint_loader(runner, comfy_base, fixture_files, tmp_path):
-    """`python -m sd35_fp8.quant convert` on an all-in-one file: stock CheckpointLoaderSimple reads its FP8 layers."""
+    """`sd35-fp8 convert` on an all-in-one file: stock CheckpointLoaderSimple reads its FP8 layers."""
     import subprocess
-    import sys
 
     import folder_paths
 
     out = tmp_path / "tiny_sd35_large_cli_fp8.safetensors"
-    done = subprocess.run([sys.executable, "-m", "sd35_fp8.quant", "convert", str(fixture_files["large_all_in_one"]),
-                           str(out)], cwd=comfy_host.Path(__file__).resolve().parents[2], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(tools.engine_cli("convert", str(fixture_files["large_all_in_one"]), str(out)),
+                          cwd=tools.REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     name = comfy_host.link_model(comfy_base, "checkpoints", out)
     folder_paths.filename_list_cache.clear()

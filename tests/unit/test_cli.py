@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,12 +12,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from tools import engine_cli
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    script = "import tools; from sd35_fp8.quant.cli import main; raise SystemExit(main())"
-    return subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(engine_cli(*args), cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def test_convert_then_inspect(fixture_files, tmp_path):
