@@ -47,7 +47,6 @@ class LowRankBranch:
     with the patches on the CPU) they are moved there once, at the compute dtype, and kept while the patch holds."""
 
     def __init__(self, patches: list) -> None:
-        self.source = patches
         self.parts = []
         for strength, adapter, _, offset, _ in patches:
             up, down, alpha = adapter.weights[0], adapter.weights[1], adapter.weights[2]
@@ -60,7 +59,7 @@ class LowRankBranch:
                     rows = slice(start, start + length)
                 else:
                     cols = slice(start, start + length)
-            self.parts.append((down.flatten(1), up.flatten(1), scale, rows, cols))
+            self.parts.append((down, up, scale, rows, cols))  # 2-D: is_plain_lora checked
         self._moved: dict[tuple, list] = {}
 
     def _factors(self, x: torch.Tensor) -> list:
@@ -116,7 +115,8 @@ def is_plain_lora(patch: tuple, out_features: int, in_features: int) -> bool:
 
 
 class RuntimeWeightPatches:
-    """The patches of one FP8 layer's weight, split by how they are applied (see the module docstring)."""
+    """The patches of one FP8 layer's weight and how they are applied: all as a low-rank branch where every one is a
+    plain LoRA, else all on the dequantized weight."""
 
     def __init__(self, key: str, patches: list, out_features: int, in_features: int) -> None:
         self.key = key
@@ -130,6 +130,12 @@ class RuntimeWeightPatches:
         if not self.on_weight:
             return real
         return comfy.lora.calculate_weight(self.on_weight, real, self.key, intermediate_dtype=real.dtype)
+
+
+def drop_runtime_patches(layer) -> None:
+    """Forget a layer's patches and their split, which holds the LoRA's tensors (and their copies on a GPU)."""
+    layer.runtime_patches = None
+    layer._runtime_split = None
 
 
 def runtime_patches_of(layer, key: str, patches: list) -> RuntimeWeightPatches:
@@ -191,10 +197,11 @@ class FP8LayerPatcher:
             return super().patch_weight_to_device(key, device_to, inplace_update, *args, **kwargs)
         patches = self.patches.get(key)
         if patches and (self._merge_patches or any(p[2] != 1.0 for p in patches)):
-            layer.runtime_patches = None
+            drop_runtime_patches(layer)
             if self._merge_patches:
                 setattr(self.model, MERGED_FOR_SAVE, True)
             return super().patch_weight_to_device(key, device_to, inplace_update, *args, **kwargs)
+        drop_runtime_patches(layer)
         layer.runtime_patches = (key, patches) if patches else None
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
@@ -202,7 +209,7 @@ class FP8LayerPatcher:
             setattr(self.model, MERGED_FOR_SAVE, False)
             for module in self.model.modules():
                 if getattr(module, "takes_runtime_patches", False):
-                    module.runtime_patches = None
+                    drop_runtime_patches(module)
         return super().unpatch_model(device_to, unpatch_weights)
 
 

@@ -284,7 +284,7 @@ def test_unpatching_restores_the_fp8_model_bit_for_bit(models):
     assert same_bits(before, snapshot(plain))
     layers = fp8_layers(plain)
     assert layers and all(getattr(m.weight, "fp8_scale", None) is None for m in layers.values())
-    assert all(m.runtime_patches is None for m in layers.values())
+    assert all(m.runtime_patches is None and getattr(m, "_runtime_split", None) is None for m in layers.values())
     assert torch.equal(denoise(plain), out_before)
     for lowvram in (False, True):
         assert torch.equal(denoise(models["l8z"], lowvram=lowvram), out_before), f"strength 0, lowvram={lowvram}"
