@@ -105,6 +105,21 @@ def run_child(module: str, *args: str | Path, **env: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def process_status(field: str) -> int | None:
+    """A size this process's /proc/self/status gives (VmRSS, VmHWM: its peak, RssAnon), in bytes; None off Linux."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM again from the current RSS (Linux >= 4.0; nothing elsewhere)."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def rel_err(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """||approx - reference|| / ||reference||, in float64."""
     ref = reference.double()

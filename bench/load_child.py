@@ -23,15 +23,9 @@ import sys
 import threading
 import time
 
+from bench.common import process_status
+
 MODES = ("imports", "comfy_imports", "ours_stream", "ours_model", "comfy_fp16", "save_fp8", "read")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 class AnonPeak:
@@ -44,7 +38,7 @@ class AnonPeak:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _status_kib("RssAnon") * 1024)
+            self.peak = max(self.peak, process_status("RssAnon"))
             time.sleep(0.02)
 
     def __enter__(self) -> AnonPeak:
@@ -54,7 +48,7 @@ class AnonPeak:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _status_kib("RssAnon") * 1024)
+        self.peak = max(self.peak, process_status("RssAnon"))
 
 
 def main(argv: list[str]) -> dict:
@@ -80,8 +74,8 @@ def main(argv: list[str]) -> dict:
 
         ops = fp8_ops.make_fp8_ops("weight_only")
     result: dict = {"mode": mode}
-    rss_before = _status_kib("VmRSS") * 1024
-    anon_before = _status_kib("RssAnon") * 1024
+    rss_before = process_status("VmRSS")
+    anon_before = process_status("RssAnon")
     start = time.perf_counter()
     with AnonPeak() as anon:
         if mode in ("ours_stream", "ours_model", "save_fp8"):
@@ -104,7 +98,7 @@ def main(argv: list[str]) -> dict:
             sd = {k: sd[k].clone() for k in list(sd)}
             result["bytes"] = nbytes(*sd.values())
     return result | {"seconds": time.perf_counter() - start, "rss_before": rss_before, "anon_before": anon_before,
-                     "peak_rss": _status_kib("VmHWM") * 1024, "peak_anon": anon.peak}
+                     "peak_rss": process_status("VmHWM"), "peak_anon": anon.peak}
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from .common import boot_host, log, round_ratios, run_child, setup_torch
+from .common import boot_host, log, process_status, reset_peak_rss, round_ratios, run_child, setup_torch
 
 VARIANT = "sd35_medium"
 RANK = 32
@@ -30,16 +30,6 @@ ROUNDS = 3
 
 def run(quick: bool) -> dict:
     return run_child("bench.lora", "--child", *(["--quick"] if quick else []))
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
 def _build(variant: str):
@@ -122,10 +112,10 @@ def child(quick: bool) -> dict:
     model = _build(variant)
     inp = _inputs(model, pixels)
     _call(model, inp)  # warm-up
-    _reset_peak()
-    base_rss = _status_bytes("VmRSS")
+    reset_peak_rss()
+    base_rss = process_status("VmRSS")
     _call(model, inp)
-    plain_peak = _status_bytes("VmHWM")
+    plain_peak = process_status("VmHWM")
 
     lora = _lora_file(model)
     lora_bytes = sum(t.numel() * t.element_size() for t in lora.values())
@@ -134,9 +124,9 @@ def child(quick: bool) -> dict:
               if n.startswith("joint_blocks.") and isinstance(m, torch.nn.Linear)]
     largest_16bit = max(m.weight.numel() for m in layers) * 2
     _call(patched, inp)  # warm-up with the LoRA
-    _reset_peak()
+    reset_peak_rss()
     _call(patched, inp)
-    lora_peak = _status_bytes("VmHWM")
+    lora_peak = process_status("VmHWM")
 
     times: dict[str, list[float]] = {"plain": [], "lora": []}
     for _ in range(ROUNDS if not quick else 2):

@@ -22,12 +22,11 @@ import functools
 import gc
 import json
 import os
-from pathlib import Path
 
 import psutil
 
 from . import models, weights
-from .common import GIB, interleaved, log, medians, rel_err, round_ratios
+from .common import GIB, interleaved, log, medians, process_status, rel_err, reset_peak_rss, round_ratios
 
 VARIANT = "sd35_medium"
 BUDGET_ENV = "BENCH_STEP_MEMORY_GIB"  # set: the memory the section may take, instead of what is available
@@ -102,36 +101,22 @@ def _release() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _status(key: str) -> int | None:
-    """VmRSS / VmHWM of this process in bytes (None off Linux)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
-def _reset_peak() -> None:
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS (Linux >= 4.0)
-
-
 class _Memory:
     """Peak RSS of each stage (VmHWM, reset between stages) and RSS after it, net of the RSS at the start."""
 
     def __init__(self) -> None:
         _release()
-        _reset_peak()
-        self.start = _status("VmRSS")
+        reset_peak_rss()
+        self.start = process_status("VmRSS")
         self.stages: dict[str, dict[str, float]] = {}
 
     def mark(self, stage: str) -> None:
         gc.collect()
-        rss, peak = _status("VmRSS"), _status("VmHWM")
+        rss, peak = process_status("VmRSS"), process_status("VmHWM")
         if None not in (self.start, rss, peak):
             self.stages[stage] = {"peak_gib": round((peak - self.start) / GIB, 3),
                                   "held_gib": round((rss - self.start) / GIB, 3)}
-        _reset_peak()
+        reset_peak_rss()
 
     def summary(self, predicted: float) -> dict:
         peak = max((s["peak_gib"] for s in self.stages.values()), default=None)
