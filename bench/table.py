@@ -174,7 +174,7 @@ def lora(r: dict) -> list[str]:
     rows = [[f"{r['variant']} (depth {r['depth']}, {r['pixels']} px)", f"{r['patched_keys']} of {r['fp8_linears']} FP8",
              f"{r['seconds']['plain']:.2f}", f"{r['seconds']['lora']:.2f}", _spread(r["spread"], ".3f"),
              _gb(r["peak_rss_plain"]), _gb(r["peak_rss_lora"]),
-             f"{(r['peak_rss_lora'] - r['peak_rss_plain']) / 2**20:.0f} MiB",
+             f"{r['peak_rss_added'] / 2**20:.0f} MiB",
              f"{(r['lora_bytes'] + r['largest_layer_16bit_bytes']) / 2**20:.0f} MiB"]]
     return _table(f"### 11. LoRA at run time (rank {r['rank']} on every joint block; one denoiser call, ComfyUI "
                   "0.3.75 --cpu, weight_only)",

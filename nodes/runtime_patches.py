@@ -72,10 +72,13 @@ class LowRankBranch:
         return self._moved[key]
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """`out` (the layer's output for `x`, a fresh tensor) with the LoRAs' update added in place."""
+        """`out` (the layer's output for `x`, a fresh tensor) with the LoRAs' update added in place: the second
+        product accumulates straight into `out` (addmm), no [tokens, out_features] temporary."""
+        out = out.contiguous()
+        out2d, x2d = out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1])
         for down, up, scale, rows, cols in self._factors(x):
-            hidden = torch.nn.functional.linear(x[..., cols], _in_dtype(down, x.dtype, 0))
-            out[..., rows].add_(torch.nn.functional.linear(hidden, _in_dtype(up, x.dtype, 1)), alpha=scale)
+            hidden = torch.mm(x2d[:, cols], _in_dtype(down, x.dtype, 0).t())
+            out2d[:, rows].addmm_(hidden, _in_dtype(up, x.dtype, 1).t(), alpha=scale)
         return out
 
 

@@ -161,12 +161,38 @@ def test_sampled_latent_with_lora_is_as_close_to_fp16_lora_as_lora_then_quantize
     assert errors["l8"] <= ltq and errors["qa"] <= ltq, (errors, ltq)
 
 
-def test_a_lora_is_a_branch_beside_the_fp8_matmul_and_never_touches_the_weight(models):
+@pytest.fixture
+def calls(monkeypatch) -> dict:
+    """fp8_matmul runs on the CPU (torch's CPU _scaled_mm takes row-wise float8 scales); the FP8 matmuls and the
+    low-rank branch's calls are counted."""
+    linear = importlib.import_module("sd35_fp8.quant.linear")
+    branch = importlib.import_module("sd35_fp8.nodes.runtime_patches").LowRankBranch
+    monkeypatch.setattr(linear, "runs_scaled_mm", lambda device: True)
+    counts = {"branch": 0, "scaled_mm": 0}
+    add_to, scaled_mm = branch.add_to, torch._scaled_mm
+
+    def counted_add_to(self, out, x):
+        counts["branch"] += 1
+        return add_to(self, out, x)
+
+    def counted_scaled_mm(*args, **kwargs):
+        counts["scaled_mm"] += 1
+        return scaled_mm(*args, **kwargs)
+
+    monkeypatch.setattr(branch, "add_to", counted_add_to)
+    monkeypatch.setattr(torch, "_scaled_mm", counted_scaled_mm)
+    return counts
+
+
+@pytest.mark.parametrize("compute", ["weight_only", "fp8_matmul"])
+def test_a_lora_is_a_branch_beside_the_fp8_matmul_and_never_touches_the_weight(models, calls, compute):
     """While a LoRA is applied (normal load), each patched FP8 layer keeps its FP8 weight and scale bit for bit, and
-    its output is fp8_linear(x) + the LoRA's exact update (ComfyUI's own calculate_weight on the real weight)."""
+    its output is the layer's own FP8 output on either compute path plus the LoRA's exact update (ComfyUI's
+    calculate_weight on the real weight), added by the low-rank branch."""
     import comfy.lora
     import comfy.model_management
 
+    linear = importlib.import_module("sd35_fp8.quant.linear")
     patched = models[f"8:{_key('two', 1.0)}"]
     before = snapshot(models["ld"])
     x = torch.randn(3, 5, 256, generator=torch.Generator().manual_seed(1))
@@ -185,9 +211,20 @@ def test_a_lora_is_a_branch_beside_the_fp8_matmul_and_never_touches_the_weight(m
                 inp = x[..., :layer.in_features] if layer.in_features <= x.shape[-1] else \
                     torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(2))
                 real = layer.weight.float() * layer.weight_scale
-                expected = torch.nn.functional.linear(
-                    inp, comfy.lora.calculate_weight(patched.patches[key], real.clone(), key), layer.bias.float())
-                got = layer(inp)
+                delta = comfy.lora.calculate_weight(patched.patches[key], real.clone(), key) - real
+                expected = linear.scaled_linear(inp, layer.weight, layer.weight_scale, layer.bias.float(), compute) \
+                    + torch.nn.functional.linear(inp, delta)
+                resolved = layer.__dict__.pop("_resolved_compute", None)
+                layer.__dict__["_resolved_compute"] = {(str(inp.device), inp.dtype): compute}
+                try:
+                    before_call = dict(calls)
+                    got = layer(inp)
+                    assert calls["branch"] == before_call["branch"] + 1
+                    assert calls["scaled_mm"] == before_call["scaled_mm"] + (compute == "fp8_matmul")
+                finally:
+                    layer.__dict__.pop("_resolved_compute")
+                    if resolved is not None:
+                        layer.__dict__["_resolved_compute"] = resolved
                 assert _error(got, expected) < 1e-5, (name, _error(got, expected))
                 checked += 1
         finally:
