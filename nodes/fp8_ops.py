@@ -16,8 +16,8 @@ ComfyUI's conventions:
   weight: it is an attribute of the new Parameter (`host_fp8.OWN_SCALE`), and `weight_scale` always belongs to
   the unpatched weight. ModelPatcher backs up and restores the weight alone (the original Parameter, or a new one
   around its copy), and a restored weight carries no scale of its own, so unpatching brings back the exact
-  layer, scale included. In-place updates (ComfyUI's hook patches, restored by copying the bits back into the
-  same Parameter) keep the scale the weight has (hooks run in MinVram mode: `runtime_patches.use_fp8_patcher`).
+  layer, scale included. In-place updates (`inplace_update`, restored by copying the bits back into the same
+  Parameter) keep the scale the weight has; hook patches never come here (they run at run time too).
   `convert_weight` scales the bits it is given with their own scale: the patched weight's, or the unpatched
   one's for ModelPatcher's backup. Moves keep the travelling scale with the weight (`_apply`), and the state
   dict writes the scale of the weight beside it;
@@ -48,6 +48,7 @@ class FP8OpsLinear(FP8LinearMixin, comfy.ops.manual_cast.Linear):
     compute: str = "auto"  # set per load by make_fp8_ops
     takes_runtime_patches = True  # FP8LayerPatcher hands this layer its weight patches (nodes/runtime_patches.py)
     runtime_patches: tuple[str, list] | None = None  # (weight key, ComfyUI's patch list) while a patcher applies them
+    runtime_hook_patches: tuple[str, list] | None = None  # the same for the hook patches applied now
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         torch.nn.Module.__init__(self)
@@ -115,8 +116,8 @@ class FP8OpsLinear(FP8LinearMixin, comfy.ops.manual_cast.Linear):
             for patch in self.bias_function:
                 bias = patch(bias)
         low_vram, functions = low_vram_patches(self.weight_function)
-        held = low_vram or self.runtime_patches  # a low-VRAM load hands the same patches as a LowVramPatch
-        patches = runtime_patches_of(self, *held) if held else None
+        # a low-VRAM load hands the same patches as a LowVramPatch; hook patches come on their own
+        patches = runtime_patches_of(self, low_vram or self.runtime_patches)
         if functions or (patches is not None and patches.on_weight):  # on the real weight, one layer at a time
             real = dequantize_weight(weight, scale, torch.float32)
             if patches is not None:

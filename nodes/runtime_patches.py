@@ -18,10 +18,14 @@ the weights (`force_patch_weights`: ComfyUI's save nodes, Save FP8 Model), and a
 weight (`strength_model` != 1: the model-merge nodes, which blend two models' weights). After a save, the next
 ordinary load goes back to run-time patches.
 
+Hook patches (Create Hook LoRA, scheduled per conditioning and step) take the same two routes: ComfyUI's
+`patch_hooks` hands an FP8 layer the hooks' combined patches (`runtime_hook_patches`, applied after the model's own)
+and `unpatch_hooks` takes them back; the FP8 weight is never written. The pack's patchers run hooks in ComfyUI's
+MinVram mode, which caches no patched weights: the default mode's cache would, from the second step on, unpatch every
+key it has not cached, the FP8 layers' included.
+
 The class is swapped on the pack's own ModelPatchers (`use_fp8_patcher`); `clone()` keeps it, so stock LoRA loaders
-and other packs' patch nodes get it too. Hook LoRAs (Create Hook LoRA) run in ComfyUI's MinVram hook mode, which
-recomputes a hook patch through the layer's `set_weight` (the default mode would copy a cached real weight into
-the FP8 weight, without its scale).
+and other packs' patch nodes get it too.
 """
 
 from __future__ import annotations
@@ -118,36 +122,52 @@ def is_plain_lora(patch: tuple, out_features: int, in_features: int) -> bool:
 
 
 class RuntimeWeightPatches:
-    """The patches of one FP8 layer's weight and how they are applied: all as a low-rank branch where every one is a
-    plain LoRA, else all on the dequantized weight."""
+    """The patches of one FP8 layer's weight (the model's own, then its hook patches) and how they are applied: all
+    as a low-rank branch where every one is a plain LoRA, else all on the dequantized weight."""
 
-    def __init__(self, key: str, patches: list, out_features: int, in_features: int) -> None:
+    def __init__(self, key: str, sources: tuple[list | None, list | None], out_features: int,
+                 in_features: int) -> None:
         self.key = key
-        self.patches = patches
+        self.sources = sources
+        patches = [patch for source in sources if source for patch in source]
         plain = all(is_plain_lora(p, out_features, in_features) for p in patches)
         self.branch = LowRankBranch(patches) if plain and patches else None
-        self.on_weight = [] if plain else list(patches)
+        self.on_weight = [] if plain else patches
 
     def patch_weight(self, real: torch.Tensor) -> torch.Tensor:
-        """The non-LoRA patches applied to a real (dequantized, float32) weight."""
+        """The non-LoRA patches applied to a real (dequantized, float32) weight. A hook's model-as-LoRA patch reads
+        the unpatched weight as ComfyUI's `original_weights`: the real weight, not the FP8 bits."""
         if not self.on_weight:
             return real
-        return comfy.lora.calculate_weight(self.on_weight, real, self.key, intermediate_dtype=real.dtype)
+        original = None
+        if any(isinstance(p[1], tuple) and len(p[1]) == 2 and p[1][0] == "model_as_lora" for p in self.on_weight):
+            original = {self.key: [(real.clone(), None)]}
+        return comfy.lora.calculate_weight(self.on_weight, real, self.key, intermediate_dtype=real.dtype,
+                                           original_weights=original)
 
 
-def drop_runtime_patches(layer) -> None:
-    """Forget a layer's patches and their split, which holds the LoRA's tensors (and their copies on a GPU)."""
+def drop_runtime_patches(layer, hooks: bool = False) -> None:
+    """Forget a layer's patches (and, with `hooks`, its hook patches) and their split, which holds the LoRA's
+    tensors (and their copies on a GPU)."""
     layer.runtime_patches = None
+    if hooks:
+        layer.runtime_hook_patches = None
     layer._runtime_split = None
 
 
-def runtime_patches_of(layer, key: str, patches: list) -> RuntimeWeightPatches:
-    """The layer's split of `patches` (the same list object keeps its split: a low-VRAM layer asks every forward)."""
-    held = getattr(layer, "_runtime_split", None)
-    if held is None or held.patches is not patches or held.key != key:
-        held = RuntimeWeightPatches(key, patches, layer.out_features, layer.in_features)
-        layer._runtime_split = held
-    return held
+def runtime_patches_of(layer, held: tuple[str, list] | None) -> RuntimeWeightPatches | None:
+    """The layer's split of `held` (its weight key and the model's patches; a low-VRAM layer's come each forward)
+    and of its hook patches; None without either. The same lists keep their split."""
+    hooked = getattr(layer, "runtime_hook_patches", None)
+    if held is None and hooked is None:
+        return None
+    key = (held or hooked)[0]
+    sources = (held[1] if held else None, hooked[1] if hooked else None)
+    split = getattr(layer, "_runtime_split", None)
+    if split is None or split.key != key or any(a is not b for a, b in zip(split.sources, sources, strict=True)):
+        split = RuntimeWeightPatches(key, sources, layer.out_features, layer.in_features)
+        layer._runtime_split = split
+    return split
 
 
 # set on the model while patches are merged into its FP8 weights because a load forced them (a save)
@@ -207,12 +227,30 @@ class FP8LayerPatcher:
         drop_runtime_patches(layer)
         layer.runtime_patches = (key, patches) if patches else None
 
+    def patch_hook_weight_to_device(self, hooks, combined_patches, key, original_weights, memory_counter):
+        """A hook's patches (Create Hook LoRA and the rest) on an FP8 layer are handed to the layer like the model's
+        own (ComfyUI would write W + dW into the FP8 weight, rounded with the unpatched weight's scale)."""
+        layer = self._fp8_layer(key)
+        if layer is None or key not in combined_patches:
+            return super().patch_hook_weight_to_device(hooks, combined_patches, key, original_weights, memory_counter)
+        if original_weights is not None:
+            original_weights.pop(key, None)  # as ComfyUI does: only the layers still to patch keep theirs
+        layer.runtime_hook_patches = (key, combined_patches[key])
+
+    def unpatch_hooks(self, whitelist_keys_set=None):
+        for key, module in self.model.named_modules():
+            if getattr(module, "runtime_hook_patches", None) is not None \
+                    and (not whitelist_keys_set or f"{key}.weight" in whitelist_keys_set):
+                module.runtime_hook_patches = None
+                module._runtime_split = None
+        return super().unpatch_hooks(whitelist_keys_set)
+
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         if unpatch_weights:
             setattr(self.model, MERGED_FOR_SAVE, False)
             for module in self.model.modules():
                 if getattr(module, "takes_runtime_patches", False):
-                    drop_runtime_patches(module)
+                    drop_runtime_patches(module, hooks=True)
         return super().unpatch_model(device_to, unpatch_weights)
 
 

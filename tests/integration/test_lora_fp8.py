@@ -274,11 +274,59 @@ def test_other_patch_types_apply_at_run_time_on_the_dequantized_weight(runner, f
     assert same_bits(before, snapshot(models["ld"]))
 
 
+def denoise_hooked(patcher, lora_path: str, strength: float) -> tuple[torch.Tensor, dict]:
+    """One denoiser call with `lora_path` as a hook LoRA (what Create Hook LoRA makes), patched as ComfyUI's sampler
+    patches a conditioning's hooks; and, for each FP8 layer the hook patches, whether it held them during the call."""
+    import comfy.hooks
+    import comfy.model_management
+    import comfy.utils
+
+    hooks = comfy.hooks.create_hook_lora(comfy.utils.load_torch_file(lora_path), strength_model=strength,
+                                         strength_clip=0.0)
+    hooked = patcher.clone()
+    hooked.register_all_hook_patches(hooks, comfy.hooks.create_target_dict(comfy.hooks.EnumWeightTarget.Model))
+    with torch.inference_mode():
+        comfy.model_management.unload_all_models()
+        hooked.patch_model(CPU, lowvram_model_memory=0)
+        try:
+            hooked.patch_hooks(hooks)
+            held = {name: getattr(layer, "runtime_hook_patches", None) is not None
+                    for name, layer in fp8_layers(hooked).items()
+                    if f"diffusion_model.{name}.weight" in hooked.get_combined_hook_patches(hooks)}
+            out = hooked.model.diffusion_model(**_inputs(hooked)).float()
+            hooked.unpatch_hooks()
+            assert not any(getattr(layer, "runtime_hook_patches", None) for layer in fp8_layers(hooked).values())
+            return out, held
+        finally:
+            hooked.unpatch_model(CPU)
+
+
+@pytest.mark.parametrize("strength", STRENGTHS)
+def test_hook_lora_runs_at_run_time_as_close_as_lora_then_quantize(models, comfy_base, tiny_lora, strength):
+    """A hook LoRA on the FP8 model is applied at run time like a loaded one (never written into the FP8 weight,
+    which ComfyUI would round with the unpatched weight's scale): as close to FP16 + the hook as LoRA-then-quantize
+    is to it, and the model is the same after."""
+    path = str(comfy_base / "models" / "loras" / tiny_lora)
+    before = snapshot(models["ld"])
+    ref, _ = denoise_hooked(models["ck"], path, strength)
+    ours, held = denoise_hooked(models["ld"], path, strength)
+    key = _key("one", strength)
+    ltq = _error(denoise(models[f"ltq:{key}"]), ref)
+    hook_vs_loaded = _error(ref, denoise(models[f"16:{key}"]))
+    print(f"{comfy_host.host_label()} hook LoRA at {strength}: FP16 hook vs FP16 LoRA {hook_vs_loaded:.2e}, "
+          f"LoRA-then-quantize {ltq:.4f}, FP8 + hook {_error(ours, ref):.4f} ({_error(ours, ref) / ltq:.2f}x)")
+    assert hook_vs_loaded < 1e-4  # the hook is the same LoRA: the reference is FP16 + LoRA
+    assert len(held) >= 6 and all(held.values()), held
+    assert _error(ours, ref) <= ltq, (_error(ours, ref), ltq)
+    assert same_bits(before, snapshot(models["ld"]))
+
+
 def test_hook_lora_never_copies_a_cached_real_weight_into_fp8(runner, fixture_files, tiny_lora, monkeypatch):
     """A hook LoRA (Create Hook LoRA -> Cond Set Props) on the positive prompt only: two hook groups, so ComfyUI
     applies the hook at every step. In its default MaxSpeed mode it would, from the second step on, copy the
-    patched weight it cached (real float32 values) straight into the FP8 weight, bypassing set_weight; our models
-    recompute it through set_weight instead (runtime_patches.use_fp8_patcher), and the FP8 model is the same after."""
+    patched weight it cached (real float32 values) straight into the FP8 weight; our models run hooks in MinVram
+    mode, which caches nothing, and hand the hook patches to the FP8 layers (runtime_patches.FP8LayerPatcher), and
+    the FP8 model is the same after."""
     import comfy.model_patcher
 
     ckpt = fixture_files["large_all_in_one"].name
