@@ -274,15 +274,21 @@ def test_other_patch_types_apply_at_run_time_on_the_dequantized_weight(runner, f
     assert same_bits(before, snapshot(models["ld"]))
 
 
-def denoise_hooked(patcher, lora_path: str, strength: float) -> tuple[torch.Tensor, dict]:
-    """One denoiser call with `lora_path` as a hook LoRA (what Create Hook LoRA makes), patched as ComfyUI's sampler
-    patches a conditioning's hooks; and, for each FP8 layer the hook patches, whether it held them during the call."""
+def hook_lora(lora_path: str, strength: float):
+    """What Create Hook LoRA makes of `lora_path`."""
     import comfy.hooks
-    import comfy.model_management
     import comfy.utils
 
-    hooks = comfy.hooks.create_hook_lora(comfy.utils.load_torch_file(lora_path), strength_model=strength,
-                                         strength_clip=0.0)
+    return comfy.hooks.create_hook_lora(comfy.utils.load_torch_file(lora_path), strength_model=strength,
+                                        strength_clip=0.0)
+
+
+def denoise_hooked(patcher, hooks) -> tuple[torch.Tensor, dict]:
+    """One denoiser call with `hooks` patched as ComfyUI's sampler patches a conditioning's hooks; and, for each FP8
+    layer the hooks patch, whether it held their patches during the call."""
+    import comfy.hooks
+    import comfy.model_management
+
     hooked = patcher.clone()
     hooked.register_all_hook_patches(hooks, comfy.hooks.create_target_dict(comfy.hooks.EnumWeightTarget.Model))
     with torch.inference_mode():
@@ -308,8 +314,8 @@ def test_hook_lora_runs_at_run_time_as_close_as_lora_then_quantize(models, comfy
     is to it, and the model is the same after."""
     path = str(comfy_base / "models" / "loras" / tiny_lora)
     before = snapshot(models["ld"])
-    ref, _ = denoise_hooked(models["ck"], path, strength)
-    ours, held = denoise_hooked(models["ld"], path, strength)
+    ref, _ = denoise_hooked(models["ck"], hook_lora(path, strength))
+    ours, held = denoise_hooked(models["ld"], hook_lora(path, strength))
     key = _key("one", strength)
     ltq = _error(denoise(models[f"ltq:{key}"]), ref)
     hook_vs_loaded = _error(ref, denoise(models[f"16:{key}"]))
@@ -318,6 +324,41 @@ def test_hook_lora_runs_at_run_time_as_close_as_lora_then_quantize(models, comfy
     assert hook_vs_loaded < 1e-4  # the hook is the same LoRA: the reference is FP16 + LoRA
     assert len(held) >= 6 and all(held.values()), held
     assert _error(ours, ref) <= ltq, (_error(ours, ref), ltq)
+    assert same_bits(before, snapshot(models["ld"]))
+
+
+def test_hook_model_as_lora_takes_the_real_unpatched_weight_as_the_original(models):
+    """Create Hook Model as LoRA adds strength * (its model's weight - the original weight). With the FP16 model as
+    its model, each FP8 layer at strength 1 computes with the FP16 weight: only where the layer hands ComfyUI its
+    real (dequantized) weight as the original, not its FP8 bits."""
+    import comfy.hooks
+    import comfy.model_management
+
+    weights16 = models["ck"].model.state_dict()
+    keys = [f"diffusion_model.{name}.weight" for name in fp8_layers(models["ld"])]
+    weights = {key: weights16[key].float() for key in keys}
+    hooks = comfy.hooks.create_hook_model_as_lora(weights, None, strength_model=1.0, strength_clip=0.0)
+    before = snapshot(models["ld"])
+    hooked = models["ld"].clone()
+    hooked.register_all_hook_patches(hooks, comfy.hooks.create_target_dict(comfy.hooks.EnumWeightTarget.Model))
+    gen = torch.Generator().manual_seed(3)
+    checked = 0
+    with torch.inference_mode():
+        comfy.model_management.unload_all_models()
+        hooked.patch_model(CPU, lowvram_model_memory=0)
+        try:
+            for patched in (False, True):
+                hooked.patch_hooks(hooks if patched else None)
+                for name, layer in fp8_layers(hooked).items():
+                    inp = torch.randn(2, 3, layer.in_features, generator=gen)
+                    expected = torch.nn.functional.linear(inp, weights[f"diffusion_model.{name}.weight"],
+                                                          layer.bias.float())
+                    error = _error(layer(inp), expected)
+                    assert error < 1e-5 if patched else error > 1e-3, (name, patched, error)
+                    checked += patched
+        finally:
+            hooked.unpatch_model(CPU)
+    assert checked >= 10
     assert same_bits(before, snapshot(models["ld"]))
 
 
