@@ -146,10 +146,11 @@ class RuntimeWeightPatches:
                                            original_weights=original)
 
 
-def drop_runtime_patches(layer, hooks: bool = False) -> None:
-    """Forget a layer's patches (and, with `hooks`, its hook patches) and their split, which holds the LoRA's
-    tensors (and their copies on a GPU)."""
-    layer.runtime_patches = None
+def drop_runtime_patches(layer, model: bool = True, hooks: bool = False) -> None:
+    """Forget a layer's patches (the model's, its hooks', or both) and their split, which holds the LoRA's tensors
+    (and their copies on a GPU)."""
+    if model:
+        layer.runtime_patches = None
     if hooks:
         layer.runtime_hook_patches = None
     layer._runtime_split = None
@@ -219,12 +220,11 @@ class FP8LayerPatcher:
         if layer is None:
             return super().patch_weight_to_device(key, device_to, inplace_update, *args, **kwargs)
         patches = self.patches.get(key)
+        drop_runtime_patches(layer)
         if patches and (self._merge_patches or any(p[2] != 1.0 for p in patches)):
-            drop_runtime_patches(layer)
             if self._merge_patches:
                 setattr(self.model, MERGED_FOR_SAVE, True)
             return super().patch_weight_to_device(key, device_to, inplace_update, *args, **kwargs)
-        drop_runtime_patches(layer)
         layer.runtime_patches = (key, patches) if patches else None
 
     def patch_hook_weight_to_device(self, hooks, combined_patches, key, original_weights, memory_counter):
@@ -241,8 +241,7 @@ class FP8LayerPatcher:
         for key, module in self.model.named_modules():
             if getattr(module, "runtime_hook_patches", None) is not None \
                     and (not whitelist_keys_set or f"{key}.weight" in whitelist_keys_set):
-                module.runtime_hook_patches = None
-                module._runtime_split = None
+                drop_runtime_patches(module, model=False, hooks=True)
         return super().unpatch_hooks(whitelist_keys_set)
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
