@@ -118,25 +118,35 @@ def pack(comfy_nodes):
 LORA_FACTOR_STD = 0.5
 
 
-def _write_lora(comfy_base: Path, fixture_files: dict, name: str, seed: int, layers: dict[str, str]) -> str:
-    """A rank-4 LoRA for the tiny Large fixture, {key: "attn" | "mlp"} (an attn key is hidden x hidden, an mlp key
-    4 hidden x hidden), saved under models/loras; returns its name."""
+@pytest.fixture(scope="session")
+def write_lora(comfy_base):
+    """write_lora(name, seed, {key: (out_features, in_features)}): a strong rank-4 LoRA (LORA_FACTOR_STD) on those
+    keys, saved under models/loras; returns its name."""
+
+    def write(name: str, seed: int, shapes: dict[str, tuple[int, int]]) -> str:
+        gen = torch.Generator().manual_seed(seed)
+        rank = 4
+        tensors = {}
+        for key, (out_f, in_f) in shapes.items():
+            tensors[f"{key}.lora_down.weight"] = (torch.randn(rank, in_f, generator=gen) * LORA_FACTOR_STD).half()
+            tensors[f"{key}.lora_up.weight"] = (torch.randn(out_f, rank, generator=gen) * LORA_FACTOR_STD).half()
+            tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+        path = comfy_base / "models" / "loras" / name
+        save_file(tensors, str(path))
+        return path.name
+
+    return write
+
+
+def _large_shapes(fixture_files: dict, layers: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """{key: "attn" | "mlp"} as the tiny Large fixture's shapes: an attn key is hidden x hidden, an mlp key
+    4 hidden x hidden."""
     hidden = 64 * fixture_files["manifest"]["files"]["large"]["mmdit"]["depth"]
-    gen = torch.Generator().manual_seed(seed)
-    rank = 4
-    tensors = {}
-    for key, kind in layers.items():
-        out_f = 4 * hidden if kind == "mlp" else hidden
-        tensors[f"{key}.lora_down.weight"] = (torch.randn(rank, hidden, generator=gen) * LORA_FACTOR_STD).half()
-        tensors[f"{key}.lora_up.weight"] = (torch.randn(out_f, rank, generator=gen) * LORA_FACTOR_STD).half()
-        tensors[f"{key}.alpha"] = torch.tensor(float(rank))
-    path = comfy_base / "models" / "loras" / name
-    save_file(tensors, str(path))
-    return path.name
+    return {key: (4 * hidden if kind == "mlp" else hidden, hidden) for key, kind in layers.items()}
 
 
 @pytest.fixture(scope="session")
-def tiny_lora(comfy_base, fixture_files) -> str:
+def tiny_lora(write_lora, fixture_files) -> str:
     """A LoRA for the tiny Large fixture: diffusers keys on the fused qkv (sliced patches) and a native key.
 
     A strong LoRA (LORA_FACTOR_STD): it widens most patched rows' range, so a merge re-quantizing with the old
@@ -146,13 +156,13 @@ def tiny_lora(comfy_base, fixture_files) -> str:
     for block in (0, 1):
         layers[f"diffusion_model.joint_blocks.{block}.x_block.mlp.fc1"] = "mlp"
         layers[f"diffusion_model.joint_blocks.{block}.x_block.attn.proj"] = "attn"
-    return _write_lora(comfy_base, fixture_files, "tiny_sd35_large_lora.safetensors", 123, layers)
+    return write_lora("tiny_sd35_large_lora.safetensors", 123, _large_shapes(fixture_files, layers))
 
 
 @pytest.fixture(scope="session")
-def second_lora(comfy_base, fixture_files) -> str:
+def second_lora(write_lora, fixture_files) -> str:
     """Another LoRA, to stack on `tiny_lora`: it shares block 0's fc1 and attention output with it."""
     layers = {f"diffusion_model.joint_blocks.{block}.x_block.attn.proj": "attn" for block in (0, 1)}
     layers["diffusion_model.joint_blocks.0.context_block.attn.proj"] = "attn"
     layers["diffusion_model.joint_blocks.0.x_block.mlp.fc1"] = "mlp"
-    return _write_lora(comfy_base, fixture_files, "tiny_sd35_large_lora_b.safetensors", 321, layers)
+    return write_lora("tiny_sd35_large_lora_b.safetensors", 321, _large_shapes(fixture_files, layers))

@@ -5,11 +5,12 @@ One denoiser call on fixed inputs, for each way ComfyUI applies a LoRA to our la
 load (both: patches applied per forward, nodes/runtime_patches.py), and a load that forces patches into the weights
 (what save nodes ask for: merged, the patched weight re-quantized once, nodes/fp8_ops.py). The reference for "as
 close as" is the LoRA merged into the 16-bit weights, then quantized like the loader does ("LoRA-then-quantize").
-The fixture LoRAs are strong (tests/conftest.py, LORA_FACTOR_STD): FP8's own error cannot hide what a route does.
+The fixture LoRAs are strong (tests/conftest.py, write_lora): FP8's own error cannot hide what a route does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
@@ -283,9 +284,10 @@ def hook_lora(lora_path: str, strength: float):
                                         strength_clip=0.0)
 
 
-def denoise_hooked(patcher, hooks) -> tuple[torch.Tensor, dict]:
-    """One denoiser call with `hooks` patched as ComfyUI's sampler patches a conditioning's hooks; and, for each FP8
-    layer the hooks patch, whether it held their patches during the call."""
+@contextlib.contextmanager
+def hooks_patched(patcher, hooks):
+    """A clone of `patcher` with `hooks` registered, loaded, and the hooks patched as ComfyUI's sampler patches a
+    conditioning's; unloaded after."""
     import comfy.hooks
     import comfy.model_management
 
@@ -296,15 +298,22 @@ def denoise_hooked(patcher, hooks) -> tuple[torch.Tensor, dict]:
         hooked.patch_model(CPU, lowvram_model_memory=0)
         try:
             hooked.patch_hooks(hooks)
-            held = {name: getattr(layer, "runtime_hook_patches", None) is not None
-                    for name, layer in fp8_layers(hooked).items()
-                    if f"diffusion_model.{name}.weight" in hooked.get_combined_hook_patches(hooks)}
-            out = hooked.model.diffusion_model(**_inputs(hooked)).float()
-            hooked.unpatch_hooks()
-            assert not any(getattr(layer, "runtime_hook_patches", None) for layer in fp8_layers(hooked).values())
-            return out, held
+            yield hooked
         finally:
             hooked.unpatch_model(CPU)
+
+
+def denoise_hooked(patcher, hooks) -> tuple[torch.Tensor, dict]:
+    """One denoiser call with `hooks` patched; and, for each FP8 layer the hooks patch, whether it held their patches
+    during the call."""
+    with hooks_patched(patcher, hooks) as hooked:
+        held = {name: getattr(layer, "runtime_hook_patches", None) is not None
+                for name, layer in fp8_layers(hooked).items()
+                if f"diffusion_model.{name}.weight" in hooked.get_combined_hook_patches(hooks)}
+        out = hooked.model.diffusion_model(**_inputs(hooked)).float()
+        hooked.unpatch_hooks()
+        assert not any(getattr(layer, "runtime_hook_patches", None) for layer in fp8_layers(hooked).values())
+        return out, held
 
 
 @pytest.mark.parametrize("strength", STRENGTHS)
@@ -332,32 +341,24 @@ def test_hook_model_as_lora_takes_the_real_unpatched_weight_as_the_original(mode
     its model, each FP8 layer at strength 1 computes with the FP16 weight: only where the layer hands ComfyUI its
     real (dequantized) weight as the original, not its FP8 bits."""
     import comfy.hooks
-    import comfy.model_management
 
     weights16 = models["ck"].model.state_dict()
     keys = [f"diffusion_model.{name}.weight" for name in fp8_layers(models["ld"])]
     weights = {key: weights16[key].float() for key in keys}
     hooks = comfy.hooks.create_hook_model_as_lora(weights, None, strength_model=1.0, strength_clip=0.0)
     before = snapshot(models["ld"])
-    hooked = models["ld"].clone()
-    hooked.register_all_hook_patches(hooks, comfy.hooks.create_target_dict(comfy.hooks.EnumWeightTarget.Model))
     gen = torch.Generator().manual_seed(3)
     checked = 0
-    with torch.inference_mode():
-        comfy.model_management.unload_all_models()
-        hooked.patch_model(CPU, lowvram_model_memory=0)
-        try:
-            for patched in (False, True):
-                hooked.patch_hooks(hooks if patched else None)
-                for name, layer in fp8_layers(hooked).items():
-                    inp = torch.randn(2, 3, layer.in_features, generator=gen)
-                    expected = torch.nn.functional.linear(inp, weights[f"diffusion_model.{name}.weight"],
-                                                          layer.bias.float())
-                    error = _error(layer(inp), expected)
-                    assert error < 1e-5 if patched else error > 1e-3, (name, patched, error)
-                    checked += patched
-        finally:
-            hooked.unpatch_model(CPU)
+    with hooks_patched(models["ld"], hooks) as hooked:
+        for patched in (True, False):
+            hooked.patch_hooks(hooks if patched else None)
+            for name, layer in fp8_layers(hooked).items():
+                inp = torch.randn(2, 3, layer.in_features, generator=gen)
+                expected = torch.nn.functional.linear(inp, weights[f"diffusion_model.{name}.weight"],
+                                                      layer.bias.float())
+                error = _error(layer(inp), expected)
+                assert error < 1e-5 if patched else error > 1e-3, (name, patched, error)
+                checked += patched
     assert checked >= 10
     assert same_bits(before, snapshot(models["ld"]))
 

@@ -186,31 +186,18 @@ T5_LORA_LAYERS = ("encoder.block.0.layer.0.SelfAttention.q", "encoder.block.0.la
                   "encoder.block.1.layer.1.DenseReluDense.wi_0", "encoder.block.1.layer.1.DenseReluDense.wo")
 
 
-def _t5_lora(comfy_base, weights: dict[str, torch.Tensor]) -> str:
-    """A strong rank-4 LoRA on four of T5's FP8 layers, in OneTrainer's SD3 keys (lora_te3_: T5 after CLIP-L/G)."""
-    from safetensors.torch import save_file
-
-    gen = torch.Generator().manual_seed(5)
-    tensors = {}
-    for layer in T5_LORA_LAYERS:
-        out_f, in_f = weights[f"t5xxl.transformer.{layer}"].shape
-        key = "lora_te3_" + layer.replace(".", "_")
-        tensors[f"{key}.lora_down.weight"] = (torch.randn(4, in_f, generator=gen) * 0.5).half()
-        tensors[f"{key}.lora_up.weight"] = (torch.randn(out_f, 4, generator=gen) * 0.5).half()
-        tensors[f"{key}.alpha"] = torch.tensor(4.0)
-    path = comfy_base / "models" / "loras" / "tiny_t5xxl_lora.safetensors"
-    save_file(tensors, str(path))
-    return path.name
-
-
-def test_t5xxl_lora_and_hook_lora_run_at_run_time_on_its_fp8_layers(runner, comfy_base, fixture_files):
+def test_t5xxl_lora_and_hook_lora_run_at_run_time_on_its_fp8_layers(runner, write_lora, fixture_files):
     """A LoRA on T5's FP8 layers, loaded (LoraLoader) or as a hook (Create Hook LoRA -> Set CLIP Hooks), is applied
     at run time like the diffusion model's (nodes/runtime_patches.py): both give the same conditioning, FP8 T5's error
     against FP16 T5 + the same LoRA is no larger than its error without the LoRA, and the FP8 weights never change."""
     ckpt = fixture_files["large_t5xxl_all_in_one"].name
     prompt = {"ck": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}, "ld": fp8_loader(ckpt)}
     runner.run(prompt | _encode(["ck", 1], "16") | {"o": show(["ld", 3])})
-    lora = _t5_lora(comfy_base, clip_weights(runner.node_outputs("ck")[1]))
+    weights = clip_weights(runner.node_outputs("ck")[1])
+    # OneTrainer's SD3 keys (lora_te3_: T5 after CLIP-L and CLIP-G)
+    lora = write_lora("tiny_t5xxl_lora.safetensors", 5, {"lora_te3_" + layer.replace(".", "_"):
+                                                         tuple(weights[f"t5xxl.transformer.{layer}"].shape)
+                                                         for layer in T5_LORA_LAYERS})
     fp8_clip = runner.node_outputs("ld")[1]
     before = {n: w.detach().clone() for n, w in clip_weights(fp8_clip).items()}
     prompt["hk"] = {"class_type": "CreateHookLora", "inputs": {"lora_name": lora, "strength_model": 0.0,
