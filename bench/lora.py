@@ -5,7 +5,7 @@ quantized by the pack's default plan and built by ComfyUI with the pack's FP8 op
 (ComfyUI 0.3.75, --cpu, weight_only). A rank-32 LoRA on every Linear of every joint block (all FP8 in the default
 plan), made by ComfyUI's own `load_lora` from a generated file's keys, is added to a clone as a LoRA loader does.
 In one child process, side by side:
-- step: one denoiser call with and without the LoRA, interleaved over rounds in alternating order (each round loads
+- step: one denoiser call with and without the LoRA, interleaved over rounds in alternating order (each call loads
   the patcher it times, as sampling does; the load is not timed); goal: with / without <= 1.10;
 - memory: the peak RSS of the same calls (VmHWM reset after each load through /proc/self/clear_refs), the LoRA
   resident in both; goal: the median round's call with the LoRA peaks no higher than the one without by more than
